@@ -1,1 +1,17 @@
-//! placeholder
+//! `sidemesh-tests`: shared harness for the end-to-end tests in `tests/tests/`.
+//!
+//! - `bin`: builds (once) and locates the workspace's real binaries.
+//! - `Proc`: a running binary on port 0; its address is read from its `listening` log line;
+//!   killed on drop so a failing test leaves nothing behind.
+//! - `http`: a small HTTP/1.1 client returning status, headers and body.
+//! - `eventually`: bounded polling with a clear failure message (never sleep and hope).
+//! - `Rotel`: a real OpenTelemetry collector (`rotel` from PyPI) and the spans it received.
+//! - `skip`: skipping with a printed reason, turned into a failure when `SIDEMESH_NO_SKIP=1` (CI).
+
+#![forbid(unsafe_code)]
+
+mod harness;
+mod rotel;
+
+pub use harness::{Proc, Response, bin, eventually, http, skip, workspace_root};
+pub use rotel::{Rotel, SeenSpan};
