@@ -22,6 +22,8 @@ pub enum Command {
         /// A YAML file, or a folder whose *.yaml / *.yml files form one mesh.
         path: PathBuf,
     },
+    /// Run the whole demo mesh on this machine (no Kubernetes, no containers).
+    Up(crate::up::UpArgs),
     /// Print the JSON Schema of the routing language (or its field reference as Markdown).
     Schema {
         /// Print the Markdown field reference used in the README instead.
@@ -34,6 +36,16 @@ pub enum Command {
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Validate { path } => validate(&path),
+        Command::Up(args) => match tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(crate::up::run(args)))
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         Command::Schema { markdown } => {
             if markdown {
                 print!("{}", schema::field_reference());

@@ -176,13 +176,28 @@ pub async fn run(args: LoadgenArgs, mut report: impl FnMut(&Summary)) -> anyhow:
     let mut window = Summary::default();
     let mut total = Summary::default();
     let mut rng = fastrand::Rng::new();
-    let deadline = args.duration.map(|d| start + d);
+    // A bounded run sends exactly rate x duration requests, then waits for their answers.
+    let limit = args
+        .duration
+        .map(|d| (d.as_secs_f64() * args.rate).round() as u64);
+    let (mut started, mut finished) = (0u64, 0u64);
+    let mut windows = 0;
+    let mut flush = |window: &mut Summary, total: &mut Summary| {
+        windows += 1;
+        window.elapsed_secs = windows;
+        total.merge(window);
+        window.finish();
+        report(window);
+        *window = Summary::default();
+    };
 
-    loop {
+    while limit.is_none_or(|l| finished < l) {
         tokio::select! {
-            _ = ticks.tick(), if deadline.is_none_or(|d| Instant::now() < d) => {
+            _ = ticks.tick(), if limit.is_none_or(|l| started < l) => {
+                started += 1;
                 let Ok(permit) = slots.clone().try_acquire_owned() else {
                     window.skipped += 1;
+                    finished += 1;
                     continue;
                 };
                 let req = next_request(&mut rng, &args, &target, last_order.load(Ordering::Relaxed));
@@ -193,20 +208,17 @@ pub async fn run(args: LoadgenArgs, mut report: impl FnMut(&Summary)) -> anyhow:
                     let _ = tx.send(outcome);
                 });
             }
-            Some(outcome) = rx.recv() => window.record(&outcome),
-            _ = seconds.tick() => {
-                window.elapsed_secs = start.elapsed().as_secs_f64().round() as u64;
-                total.merge(&window);
-                window.finish();
-                report(&window);
-                window = Summary::default();
-                if deadline.is_some_and(|d| Instant::now() >= d) && slots.available_permits() == args.max_in_flight.max(1) {
-                    break;
-                }
+            Some(outcome) = rx.recv() => {
+                window.record(&outcome);
+                finished += 1;
             }
+            _ = seconds.tick() => flush(&mut window, &mut total),
         }
     }
-    total.elapsed_secs = start.elapsed().as_secs();
+    if window.sent + window.skipped > 0 {
+        flush(&mut window, &mut total);
+    }
+    total.elapsed_secs = start.elapsed().as_secs_f64().round() as u64;
     total.finish();
     Ok(total)
 }

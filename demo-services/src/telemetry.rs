@@ -39,12 +39,14 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Installs logging and tracing for `service`. Safe to call more than once per process
-    /// (later calls keep the first subscriber), which in-process tests rely on.
+    /// Installs logging and tracing for `service`, logging at `default_level` unless `RUST_LOG`
+    /// says otherwise. Safe to call more than once per process (later calls keep the first
+    /// subscriber).
     pub fn init(
         service: &str,
         otlp_endpoint: Option<&str>,
         format: LogFormat,
+        default_level: &str,
     ) -> anyhow::Result<Self> {
         let mut builder = SdkTracerProvider::builder()
             .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
@@ -65,7 +67,8 @@ impl Telemetry {
         global::set_text_map_propagator(TraceContextPropagator::new());
         global::set_tracer_provider(provider.clone());
 
-        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+        let filter =
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
         let fmt = match format {
             LogFormat::Json => tracing_subscriber::fmt::layer()
                 .json()

@@ -18,7 +18,12 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let telemetry = Telemetry::init("loadgen", args.otlp_endpoint.as_deref(), LogFormat::Text)?;
+    let telemetry = Telemetry::init(
+        "loadgen",
+        args.otlp_endpoint.as_deref(),
+        LogFormat::Text,
+        "warn",
+    )?;
     let load = run(args.load, |second| println!("{second}"));
     let total = tokio::select! {
         total = load => total?,

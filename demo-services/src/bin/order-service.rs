@@ -33,6 +33,7 @@ async fn main() -> anyhow::Result<()> {
         "order-service",
         args.common.otlp_endpoint.as_deref(),
         args.common.log_format,
+        "info",
     )?;
     let users = user_service_channel(&args.user_service)?;
     let listener = bind(args.listen).await?;

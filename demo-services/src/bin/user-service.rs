@@ -26,6 +26,7 @@ async fn main() -> anyhow::Result<()> {
         "user-service",
         args.common.otlp_endpoint.as_deref(),
         args.common.log_format,
+        "info",
     )?;
     let listener = bind(args.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, fail_rate = args.common.fail_rate, "listening");
