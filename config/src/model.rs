@@ -50,7 +50,15 @@ pub struct Service {
     pub ports: Vec<Port>,
     pub endpoints: Vec<SocketAddr>,
     pub load_balancer: LoadBalancer,
+    pub outlier_detection: OutlierDetection,
     pub inbound: InboundPolicy,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct OutlierDetection {
+    pub consecutive_failures: u32,
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]

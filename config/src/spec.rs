@@ -119,6 +119,9 @@ pub struct ServiceSpec {
     /// How a caller's proxy picks an endpoint. Default `leastRequest`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancerSpec>,
+    /// When callers stop sending to an endpoint that keeps failing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetectionSpec>,
     /// Policy enforced by the service's own proxy on calls it receives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inbound: Option<InboundSpec>,
@@ -170,6 +173,22 @@ pub enum LoadBalancerPolicy {
     RoundRobin,
     /// Requests with the same `header` value go to the same endpoint (a hash ring).
     ConsistentHash,
+}
+
+/// Consecutive failures (5xx answers or failed connections) eject an endpoint for a while;
+/// each ejection in a row lasts twice as long as the last, up to `maxEjection`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OutlierDetectionSpec {
+    /// Failures in a row that eject an endpoint, 1 to 1000. Default 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_failures: Option<u32>,
+    /// First ejection's length. Default `10s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_ejection: Option<Duration>,
+    /// Longest ejection. Default `5m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ejection: Option<Duration>,
 }
 
 /// What a service's own proxy enforces on the calls it receives.

@@ -379,6 +379,34 @@ impl Checker {
             Some(lb) => self.load_balancer(doc, &format!("{path}.loadBalancer"), lb),
         };
 
+        let outlier = spec.outlier_detection.clone().unwrap_or_default();
+        let consecutive_failures = outlier.consecutive_failures.unwrap_or(5);
+        if !(1..=1000).contains(&consecutive_failures) {
+            self.error(
+                doc,
+                &format!("{path}.outlierDetection.consecutiveFailures"),
+                format!("must be between 1 and 1000, got {consecutive_failures}"),
+            );
+        }
+        let base_ejection = outlier
+            .base_ejection
+            .unwrap_or(duration(StdDuration::from_secs(10)));
+        let max_ejection = outlier
+            .max_ejection
+            .unwrap_or(duration(StdDuration::from_secs(300)).max(base_ejection));
+        if max_ejection < base_ejection {
+            self.error(
+                doc,
+                &format!("{path}.outlierDetection.maxEjection"),
+                format!("must be at least `baseEjection` ({base_ejection}), got {max_ejection}"),
+            );
+        }
+        let outlier_detection = OutlierDetection {
+            consecutive_failures,
+            base_ejection,
+            max_ejection,
+        };
+
         let mut inbound = InboundPolicy::default();
         if let Some(spec) = &spec.inbound {
             if let Some(authz) = &spec.authorization {
@@ -404,6 +432,7 @@ impl Checker {
             ports,
             endpoints,
             load_balancer,
+            outlier_detection,
             inbound,
         }
     }

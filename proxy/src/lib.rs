@@ -1,6 +1,39 @@
-//! `sidemesh-proxy`: the per-pod data plane.
+//! `sidemesh-proxy`: the per-pod data plane. `pipeline.rs` lists the data path in order.
 //!
-//! The data path (accept -> detect protocol -> TLS -> route -> authorize -> rate limit ->
-//! retry/timeout -> balance -> connect) is built stage by stage; see `../shared/DESIGN.md`.
+//! - `app`: build (load config, bind listeners) and run (serve, reload, drain).
+//! - `config`: the proxy's flags and environment variables.
+//! - `accept`: listeners, connection limits, original destination.
+//! - `detect`: protocol detection (HTTP/1, HTTP/2, TLS, opaque).
+//! - `http`: serving HTTP connections; the per-request handler and routing.
+//! - `tcp`: opaque byte forwarding.
+//! - `pipeline`: the request stages, in order.
+//! - `timeout`, `forward`: request stages.
+//! - `snapshot`: compiled routing config; route matching.
+//! - `balance`, `endpoint`: load balancing, pooled connections, outlier detection.
+//! - `headers`, `body`, `rewind`: HTTP hygiene and IO helpers.
+//! - `respond`: errors to synthetic responses, in one place.
+//! - `metrics`, `admin`: Prometheus metrics and the admin server.
+//! - `reload`, `drain`: config reload and graceful shutdown.
 
 #![forbid(unsafe_code)]
+
+pub mod accept;
+pub mod admin;
+pub mod app;
+pub mod balance;
+pub mod body;
+pub mod config;
+pub mod detect;
+pub mod drain;
+pub mod endpoint;
+pub mod forward;
+pub mod headers;
+pub mod http;
+pub mod metrics;
+pub mod pipeline;
+pub mod reload;
+pub mod respond;
+pub mod rewind;
+pub mod snapshot;
+pub mod tcp;
+pub mod timeout;

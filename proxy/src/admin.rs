@@ -1,0 +1,102 @@
+//! The admin server: `/live`, `/ready`, `/metrics` (Prometheus text) and `/config_dump`
+//! (the config in force, the proxy's settings and its endpoints, as JSON).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::app::Proxy;
+use crate::body::{self, Body};
+use crate::drain::Drain;
+
+pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut drain: Drain) {
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = drain.signaled() => break,
+        };
+        let (proxy, drain) = (proxy.clone(), drain.clone());
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let resp = answer(&proxy, &drain, &req);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn answer(proxy: &Proxy, drain: &Drain, req: &Request<Incoming>) -> Response<Body> {
+    match req.uri().path() {
+        "/live" => text(StatusCode::OK, "live\n".into()),
+        "/ready" => {
+            if drain.is_draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
+            } else if proxy.ready.load(Ordering::Acquire) {
+                text(StatusCode::OK, "ready\n".into())
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: listeners or config not up yet\n".into(),
+                )
+            }
+        }
+        "/metrics" => {
+            let mut resp = text(StatusCode::OK, proxy.metrics.encode());
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            resp
+        }
+        "/config_dump" => {
+            let snapshot = proxy.snapshot.load();
+            let dump = serde_json::json!({
+                "config": snapshot.dump(),
+                "proxy": {
+                    "service": proxy.service,
+                    "mode": proxy.mode,
+                    "app": proxy.app,
+                    "limits": proxy.limits,
+                    "timeouts": proxy.timeouts,
+                },
+                "endpoints": proxy.registry.states(),
+            });
+            let mut resp = text(
+                StatusCode::OK,
+                serde_json::to_string_pretty(&dump).unwrap_or_default(),
+            );
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            resp
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /ready, /live, /metrics or /config_dump\n".into(),
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Body> {
+    let mut resp = Response::new(body::full(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp
+}

@@ -1,0 +1,196 @@
+//! Building and running a proxy: load and check the config, bind every listener, then serve
+//! until told to stop and drain. `build` on port 0 is what tests and `sidemesh up` use.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+
+use crate::accept::{self, ListenerKind};
+use crate::config::{Args, Limits, Mode, Timeouts};
+use crate::endpoint::{PoolConfig, Registry};
+use crate::metrics::Metrics;
+use crate::snapshot::{CompileError, Snapshot};
+use crate::{admin, drain, reload};
+
+/// State shared by every connection and request.
+#[derive(Debug)]
+pub struct Proxy {
+    pub service: String,
+    pub mode: Mode,
+    pub app: Option<SocketAddr>,
+    pub limits: Limits,
+    pub timeouts: Timeouts,
+    pub pool: PoolConfig,
+    pub snapshot: ArcSwap<Snapshot>,
+    pub registry: Registry,
+    pub metrics: Metrics,
+    pub ready: AtomicBool,
+}
+
+/// Why a proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("routing config {path}: {source}")]
+    Config {
+        path: PathBuf,
+        source: sidemesh_config::LoadError,
+    },
+    #[error("routing config {path}: {source}")]
+    Compile { path: PathBuf, source: CompileError },
+    #[error("failed to bind the {listener} listener on {addr}: {source}")]
+    Bind {
+        listener: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A proxy with its listeners bound, ready to `run`.
+#[derive(Debug)]
+pub struct App {
+    proxy: Arc<Proxy>,
+    config_path: PathBuf,
+    fingerprint: u64,
+    listeners: Vec<(ListenerKind, TcpListener)>,
+    admin: TcpListener,
+    pub addrs: Addrs,
+}
+
+/// Where the listeners ended up (useful with port 0).
+#[derive(Debug, Clone)]
+pub struct Addrs {
+    pub outbound: SocketAddr,
+    pub inbound: Option<SocketAddr>,
+    pub admin: SocketAddr,
+    pub upstreams: Vec<(String, SocketAddr)>,
+}
+
+async fn bind(listener: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            listener: listener.to_string(),
+            addr,
+            source,
+        })
+}
+
+pub async fn build(args: Args) -> Result<App, StartError> {
+    let config_err = |source| StartError::Config {
+        path: args.config.clone(),
+        source,
+    };
+    let sources = sidemesh_config::read_sources(&args.config).map_err(config_err)?;
+    let mesh = sidemesh_config::validate(&sources).map_err(|d| config_err(d.into()))?;
+    let registry = Registry::default();
+    let metrics = Metrics::new();
+    let snapshot =
+        Snapshot::compile(mesh, 1, &args.service, &registry, &metrics).map_err(|source| {
+            StartError::Compile {
+                path: args.config.clone(),
+                source,
+            }
+        })?;
+    metrics.reload(true, 1);
+
+    let mut listeners = Vec::new();
+    let outbound = bind("outbound", args.outbound).await?;
+    let outbound_addr = outbound.local_addr().map_err(|source| StartError::Bind {
+        listener: "outbound".into(),
+        addr: args.outbound,
+        source,
+    })?;
+    listeners.push((ListenerKind::Outbound, outbound));
+    let mut inbound_addr = None;
+    if args.app.is_some() || args.mode == Mode::Transparent {
+        let inbound = bind("inbound", args.inbound).await?;
+        inbound_addr = inbound.local_addr().ok();
+        listeners.push((ListenerKind::Inbound, inbound));
+    }
+    let mut upstreams = Vec::new();
+    for (service, addr) in &args.upstreams {
+        let listener = bind(&format!("upstream:{service}"), *addr).await?;
+        upstreams.push((service.clone(), listener.local_addr().unwrap_or(*addr)));
+        listeners.push((
+            ListenerKind::Upstream(Arc::from(service.as_str())),
+            listener,
+        ));
+    }
+    let admin = bind("admin", args.admin).await?;
+    let admin_addr = admin.local_addr().unwrap_or(args.admin);
+
+    let proxy = Arc::new(Proxy {
+        service: args.service.clone(),
+        mode: args.mode,
+        app: args.app,
+        pool: PoolConfig {
+            connect_timeout: args.timeouts.connect,
+            idle_timeout: args.timeouts.idle,
+            max_idle: args.limits.max_idle_per_endpoint,
+        },
+        limits: args.limits,
+        timeouts: args.timeouts,
+        snapshot: ArcSwap::from_pointee(snapshot),
+        registry,
+        metrics,
+        ready: AtomicBool::new(false),
+    });
+    Ok(App {
+        proxy,
+        fingerprint: reload::fingerprint(&sources),
+        config_path: args.config,
+        listeners,
+        admin,
+        addrs: Addrs {
+            outbound: outbound_addr,
+            inbound: inbound_addr,
+            admin: admin_addr,
+            upstreams,
+        },
+    })
+}
+
+impl App {
+    pub fn proxy(&self) -> &Arc<Proxy> {
+        &self.proxy
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting and lets requests in flight
+    /// finish for up to the drain timeout.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let (controller, drain) = drain::channel();
+        for (kind, listener) in self.listeners {
+            let addr = listener.local_addr().ok();
+            tracing::info!(listener = %kind.name(), addr = ?addr.map(|a| a.to_string()), "listening");
+            tokio::spawn(accept::serve(
+                listener,
+                kind,
+                self.proxy.clone(),
+                drain.clone(),
+            ));
+        }
+        tracing::info!(listener = "admin", addr = %self.addrs.admin, "listening");
+        tokio::spawn(admin::serve(self.admin, self.proxy.clone(), drain.clone()));
+        let proxy = self.proxy.clone();
+        let (path, fingerprint, watch_drain) =
+            (self.config_path.clone(), self.fingerprint, drain.clone());
+        tokio::spawn(async move { reload::watch(proxy, &path, fingerprint, watch_drain).await });
+        drop(drain);
+        self.proxy.ready.store(true, Ordering::Release);
+        tracing::info!(service = %self.proxy.service, version = self.proxy.snapshot.load().version, "ready");
+
+        shutdown.await;
+        self.proxy.ready.store(false, Ordering::Release);
+        tracing::info!(grace = ?self.proxy.timeouts.drain, "draining: no new connections, finishing requests in flight");
+        if controller.drain(self.proxy.timeouts.drain).await {
+            tracing::info!("drained");
+        } else {
+            tracing::warn!("drain timeout reached with connections still open; exiting");
+        }
+    }
+}

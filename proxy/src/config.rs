@@ -1,0 +1,207 @@
+//! The proxy's own settings (not the mesh's routing config): where it listens, which service
+//! it fronts, and its limits and timeouts. Read from flags or `SIDEMESH_*` environment
+//! variables; building and checking them are separate steps (`Args` -> `ProxyConfig`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+
+pub const ENV_CONFIG: &str = "SIDEMESH_CONFIG";
+pub const ENV_SERVICE: &str = "SIDEMESH_SERVICE";
+pub const ENV_MODE: &str = "SIDEMESH_MODE";
+pub const ENV_OUTBOUND_ADDR: &str = "SIDEMESH_OUTBOUND_ADDR";
+pub const ENV_INBOUND_ADDR: &str = "SIDEMESH_INBOUND_ADDR";
+pub const ENV_ADMIN_ADDR: &str = "SIDEMESH_ADMIN_ADDR";
+pub const ENV_APP_ADDR: &str = "SIDEMESH_APP_ADDR";
+pub const ENV_UPSTREAMS: &str = "SIDEMESH_UPSTREAMS";
+pub const ENV_LOG_FORMAT: &str = "SIDEMESH_LOG_FORMAT";
+
+/// How traffic reaches the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// iptables redirects the pod's traffic; the original destination comes from SO_ORIGINAL_DST.
+    Transparent,
+    /// Applications call local listeners (`--upstream user-service=127.0.0.1:7001`); no root needed.
+    Explicit,
+}
+
+/// Command-line flags of `sidemesh-proxy`.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "sidemesh-proxy", version, about = "The Sidemesh per-pod proxy")]
+pub struct Args {
+    /// Routing YAML (file or folder) to serve from, reloaded when it changes.
+    #[arg(long, env = ENV_CONFIG)]
+    pub config: PathBuf,
+    /// The service this proxy fronts (`name` or `name.namespace`), as named in the routing YAML.
+    #[arg(long, env = ENV_SERVICE)]
+    pub service: String,
+    #[arg(long, env = ENV_MODE, value_enum, default_value_t = Mode::Explicit)]
+    pub mode: Mode,
+    /// Outbound listener (transparent mode: where iptables redirects outgoing traffic).
+    #[arg(long, env = ENV_OUTBOUND_ADDR, default_value = "127.0.0.1:15001")]
+    pub outbound: SocketAddr,
+    /// Inbound listener: calls to this proxy's service arrive here.
+    #[arg(long, env = ENV_INBOUND_ADDR, default_value = "127.0.0.1:15006")]
+    pub inbound: SocketAddr,
+    /// Admin listener: /ready, /live, /metrics, /config_dump.
+    #[arg(long, env = ENV_ADMIN_ADDR, default_value = "127.0.0.1:15020")]
+    pub admin: SocketAddr,
+    /// The application behind the inbound listener (explicit mode). Transparent mode uses the
+    /// original destination's port on 127.0.0.1.
+    #[arg(long, env = ENV_APP_ADDR)]
+    pub app: Option<SocketAddr>,
+    /// Explicit mode: a local listener per upstream service, `service=ip:port` (repeatable, or
+    /// comma-separated in the environment variable).
+    #[arg(long = "upstream", env = ENV_UPSTREAMS, value_delimiter = ',', value_parser = parse_upstream)]
+    pub upstreams: Vec<(String, SocketAddr)>,
+    /// Log format: json or text.
+    #[arg(long, env = ENV_LOG_FORMAT, default_value = "json")]
+    pub log_format: String,
+    #[command(flatten)]
+    pub limits: Limits,
+    #[command(flatten)]
+    pub timeouts: Timeouts,
+}
+
+/// Bounds that keep a misbehaving client or upstream from exhausting the proxy.
+#[derive(Debug, Clone, Serialize, clap::Args)]
+pub struct Limits {
+    /// Connections accepted at once per listener; more are closed immediately.
+    #[arg(long, default_value_t = 20_000)]
+    pub max_connections: usize,
+    /// Largest request head (request line and headers) in bytes; larger is 431.
+    #[arg(long, default_value_t = 16 * 1024)]
+    pub max_header_bytes: usize,
+    /// Most request headers; more is 431.
+    #[arg(long, default_value_t = 100)]
+    pub max_headers: usize,
+    /// Most concurrent HTTP/2 streams per client connection.
+    #[arg(long, default_value_t = 1024)]
+    pub max_concurrent_streams: u32,
+    /// Idle pooled HTTP/1.1 connections kept per upstream endpoint.
+    #[arg(long, default_value_t = 64)]
+    pub max_idle_per_endpoint: usize,
+}
+
+/// Timeouts of the connection stages (request timeouts come from the routing YAML).
+#[derive(Debug, Clone, Serialize, clap::Args)]
+pub struct Timeouts {
+    /// How long protocol detection waits for a client's first bytes before treating the
+    /// connection as opaque TCP (server-first protocols send nothing first).
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    #[serde(serialize_with = "as_display")]
+    pub detect: Duration,
+    /// How long a client may take to send a whole request head; slower clients are cut off.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    #[serde(serialize_with = "as_display")]
+    pub header: Duration,
+    /// Connecting to an upstream endpoint.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    #[serde(serialize_with = "as_display")]
+    pub connect: Duration,
+    /// Pooled upstream connections idle longer than this are closed.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    #[serde(serialize_with = "as_display")]
+    pub idle: Duration,
+    /// On SIGTERM, how long requests in flight may take to finish.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    #[serde(serialize_with = "as_display")]
+    pub drain: Duration,
+    /// How often the routing YAML is checked for changes.
+    #[arg(long, value_parser = parse_duration, default_value = "250ms")]
+    #[serde(serialize_with = "as_display")]
+    pub reload_interval: Duration,
+}
+
+fn as_display<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{d:?}"))
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    s.parse::<sidemesh_config::units::Duration>()
+        .map(|d| d.get())
+        .map_err(|e| e.to_string())
+}
+
+fn parse_upstream(s: &str) -> Result<(String, SocketAddr), String> {
+    let (service, addr) = s.split_once('=').ok_or_else(|| {
+        format!(
+            "invalid upstream `{s}`: expected `service=ip:port`, e.g. `user-service=127.0.0.1:7001`"
+        )
+    })?;
+    let addr = addr
+        .parse()
+        .map_err(|e| format!("invalid upstream `{s}`: `{addr}` is not ip:port ({e})"))?;
+    if service.is_empty() {
+        return Err(format!("invalid upstream `{s}`: the service name is empty"));
+    }
+    Ok((service.to_string(), addr))
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 20_000,
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
+            max_concurrent_streams: 1024,
+            max_idle_per_endpoint: 64,
+        }
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            detect: Duration::from_secs(10),
+            header: Duration::from_secs(10),
+            connect: Duration::from_secs(1),
+            idle: Duration::from_secs(60),
+            drain: Duration::from_secs(10),
+            reload_interval: Duration::from_millis(250),
+        }
+    }
+}
+
+impl Args {
+    /// Settings for a proxy on loopback port 0 everywhere (tests, `sidemesh up`).
+    pub fn local(config: PathBuf, service: &str) -> Self {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self {
+            config,
+            service: service.to_string(),
+            mode: Mode::Explicit,
+            outbound: any,
+            inbound: any,
+            admin: any,
+            app: None,
+            upstreams: Vec::new(),
+            log_format: "json".into(),
+            limits: Limits::default(),
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_flags_name_the_problem() {
+        assert_eq!(
+            parse_upstream("user-service=127.0.0.1:7001"),
+            Ok((
+                "user-service".into(),
+                "127.0.0.1:7001".parse().expect("addr")
+            ))
+        );
+        let err = parse_upstream("user-service").expect_err("no =");
+        assert!(err.contains("expected `service=ip:port`"), "{err}");
+        let err = parse_upstream("user-service=localhost:7001").expect_err("not an ip");
+        assert!(err.contains("`localhost:7001` is not ip:port"), "{err}");
+    }
+}

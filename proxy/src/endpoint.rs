@@ -1,0 +1,397 @@
+//! An upstream endpoint: its pooled connections, the requests in flight to it (for
+//! least-request balancing), and its outlier-detection state.
+//!
+//! Endpoints live in a registry keyed by address and survive config reloads, so pooled
+//! connections and ejections are not lost when the routing YAML changes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use serde::Serialize;
+use tokio::net::TcpStream;
+
+use crate::body::Body;
+use crate::respond::ProxyError;
+
+/// When consecutive failures eject an endpoint, and for how long.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct OutlierPolicy {
+    pub consecutive_failures: u32,
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+}
+
+/// Connection settings shared by every endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolConfig {
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_idle: usize,
+}
+
+#[derive(Debug)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    in_flight: AtomicUsize,
+    consecutive_failures: AtomicU32,
+    /// Milliseconds since `epoch()` until which the endpoint is ejected (0: not ejected).
+    ejected_until: AtomicU64,
+    ejections: AtomicU32,
+    h1_idle: Mutex<Vec<(http1::SendRequest<Body>, Instant)>>,
+    h2: tokio::sync::Mutex<Option<http2::SendRequest<Body>>>,
+    pub connects: AtomicU64,
+    pub connect_failures: AtomicU64,
+}
+
+/// Outcome of one request, for outlier detection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    /// A 5xx answer or a failed connection.
+    Failure,
+}
+
+/// Decrements the in-flight count when the request (including its response body) is done.
+#[derive(Debug)]
+pub struct InFlight(Arc<Endpoint>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(epoch().elapsed().as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+impl Endpoint {
+    fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            in_flight: AtomicUsize::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            h1_idle: Mutex::new(Vec::new()),
+            h2: tokio::sync::Mutex::new(None),
+            connects: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+        }
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        until != 0 && now_ms() < until
+    }
+
+    /// Records an outcome; returns true when this failure ejected the endpoint.
+    pub fn report(&self, outcome: Outcome, policy: &OutlierPolicy) -> bool {
+        match outcome {
+            Outcome::Success => {
+                self.consecutive_failures.store(0, Ordering::Relaxed);
+                // Healthy again after an ejection: the next ejection starts from the base interval.
+                if self.ejected_until.load(Ordering::Relaxed) != 0 && !self.is_ejected() {
+                    self.ejected_until.store(0, Ordering::Relaxed);
+                    self.ejections.store(0, Ordering::Relaxed);
+                }
+                false
+            }
+            Outcome::Failure => {
+                let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                if failures < policy.consecutive_failures || self.is_ejected() {
+                    return false;
+                }
+                // Each ejection in a row lasts longer: base x 2^(n-1), capped.
+                let n = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
+                let interval = policy
+                    .base_ejection
+                    .saturating_mul(1 << n)
+                    .min(policy.max_ejection);
+                let until = now_ms()
+                    .saturating_add(u64::try_from(interval.as_millis()).unwrap_or(u64::MAX));
+                self.ejected_until.store(until, Ordering::Relaxed);
+                self.consecutive_failures.store(0, Ordering::Relaxed);
+                tracing::warn!(endpoint = %self.addr, ejected_for = ?interval, "endpoint ejected after consecutive failures");
+                true
+            }
+        }
+    }
+
+    /// Sends a request over a pooled connection of the request's HTTP version.
+    pub async fn send(
+        self: &Arc<Self>,
+        req: Request<Body>,
+        pool: &PoolConfig,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        match req.version() {
+            Version::HTTP_2 => self.send_h2(req, pool).await,
+            _ => self.send_h1(req, pool).await,
+        }
+    }
+
+    async fn connect(&self, pool: &PoolConfig) -> Result<TokioIo<TcpStream>, ProxyError> {
+        self.connects.fetch_add(1, Ordering::Relaxed);
+        let failed = |reason: String| {
+            self.connect_failures.fetch_add(1, Ordering::Relaxed);
+            ProxyError::Connect {
+                endpoint: self.addr,
+                reason,
+            }
+        };
+        let stream =
+            match tokio::time::timeout(pool.connect_timeout, TcpStream::connect(self.addr)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return Err(failed(e.to_string())),
+                Err(_) => {
+                    return Err(failed(format!(
+                        "timed out after {:?}",
+                        pool.connect_timeout
+                    )));
+                }
+            };
+        let _ = stream.set_nodelay(true);
+        Ok(TokioIo::new(stream))
+    }
+
+    async fn send_h1(
+        self: &Arc<Self>,
+        req: Request<Body>,
+        pool: &PoolConfig,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let mut sender = match self.checkout_h1(pool) {
+            Some(sender) => sender,
+            None => {
+                let io = self.connect(pool).await?;
+                let (sender, conn) =
+                    http1::Builder::new()
+                        .handshake(io)
+                        .await
+                        .map_err(|e| ProxyError::Connect {
+                            endpoint: self.addr,
+                            reason: e.to_string(),
+                        })?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.with_upgrades().await {
+                        tracing::debug!(error = %e, "upstream HTTP/1 connection ended");
+                    }
+                });
+                sender
+            }
+        };
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|source| ProxyError::Upstream {
+                endpoint: self.addr,
+                source,
+            })?;
+        // Back to the pool once the response body has been read to its end.
+        let this = Arc::clone(self);
+        let max_idle = pool.max_idle;
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                let mut idle = this.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
+                if idle.len() < max_idle {
+                    idle.push((sender, Instant::now()));
+                }
+            }
+        });
+        Ok(resp)
+    }
+
+    fn checkout_h1(&self, pool: &PoolConfig) -> Option<http1::SendRequest<Body>> {
+        let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some((sender, since)) = idle.pop() {
+            if since.elapsed() < pool.idle_timeout && sender.is_ready() && !sender.is_closed() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    async fn send_h2(
+        &self,
+        req: Request<Body>,
+        pool: &PoolConfig,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let mut sender = {
+            let mut slot = self.h2.lock().await;
+            match slot.as_ref().filter(|s| !s.is_closed()) {
+                Some(sender) => sender.clone(),
+                None => {
+                    let io = self.connect(pool).await?;
+                    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                        .timer(TokioTimer::new())
+                        .keep_alive_interval(pool.idle_timeout / 2)
+                        .handshake(io)
+                        .await
+                        .map_err(|e| ProxyError::Connect {
+                            endpoint: self.addr,
+                            reason: e.to_string(),
+                        })?;
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                        }
+                    });
+                    *slot = Some(sender.clone());
+                    sender
+                }
+            }
+        };
+        sender
+            .ready()
+            .await
+            .map_err(|source| ProxyError::Upstream {
+                endpoint: self.addr,
+                source,
+            })?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|source| ProxyError::Upstream {
+                endpoint: self.addr,
+                source,
+            })
+    }
+
+    /// A dedicated HTTP/1.1 connection for an upgrade (WebSocket): never pooled.
+    pub async fn send_upgrade(
+        &self,
+        req: Request<Body>,
+        pool: &PoolConfig,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let io = self.connect(pool).await?;
+        let (mut sender, conn) =
+            http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(|e| ProxyError::Connect {
+                    endpoint: self.addr,
+                    reason: e.to_string(),
+                })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream upgraded connection ended");
+            }
+        });
+        sender
+            .send_request(req)
+            .await
+            .map_err(|source| ProxyError::Upstream {
+                endpoint: self.addr,
+                source,
+            })
+    }
+}
+
+/// What `/config_dump` shows of an endpoint.
+#[derive(Debug, Serialize)]
+pub struct EndpointState {
+    pub addr: SocketAddr,
+    pub in_flight: usize,
+    pub ejected: bool,
+    pub connects: u64,
+    pub connect_failures: u64,
+}
+
+/// Endpoints by address, shared across config versions.
+#[derive(Debug, Default)]
+pub struct Registry {
+    endpoints: Mutex<HashMap<SocketAddr, Weak<Endpoint>>>,
+}
+
+impl Registry {
+    /// The live endpoint for `addr`, or a new one.
+    pub fn get(&self, addr: SocketAddr) -> Arc<Endpoint> {
+        let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ep) = map.get(&addr).and_then(Weak::upgrade) {
+            return ep;
+        }
+        map.retain(|_, weak| weak.strong_count() > 0);
+        let ep = Arc::new(Endpoint::new(addr));
+        map.insert(addr, Arc::downgrade(&ep));
+        ep
+    }
+
+    pub fn states(&self) -> Vec<EndpointState> {
+        let map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let mut states: Vec<EndpointState> = map
+            .values()
+            .filter_map(Weak::upgrade)
+            .map(|ep| EndpointState {
+                addr: ep.addr,
+                in_flight: ep.in_flight(),
+                ejected: ep.is_ejected(),
+                connects: ep.connects.load(Ordering::Relaxed),
+                connect_failures: ep.connect_failures.load(Ordering::Relaxed),
+            })
+            .collect();
+        states.sort_by_key(|s| s.addr);
+        states
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consecutive_failures_eject_for_a_growing_interval() {
+        let ep = Endpoint::new(SocketAddr::from(([127, 0, 0, 1], 1)));
+        let policy = OutlierPolicy {
+            consecutive_failures: 3,
+            base_ejection: Duration::from_millis(40),
+            max_ejection: Duration::from_secs(1),
+        };
+        assert!(!ep.report(Outcome::Failure, &policy));
+        assert!(!ep.report(Outcome::Failure, &policy));
+        assert!(
+            ep.report(Outcome::Failure, &policy),
+            "third failure in a row ejects"
+        );
+        assert!(ep.is_ejected());
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(!ep.is_ejected(), "readmitted after the base interval");
+        for _ in 0..3 {
+            ep.report(Outcome::Failure, &policy);
+        }
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(
+            ep.is_ejected(),
+            "second ejection in a row lasts twice as long"
+        );
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(!ep.is_ejected());
+        assert!(!ep.report(Outcome::Success, &policy));
+        assert_eq!(
+            ep.ejections.load(Ordering::Relaxed),
+            0,
+            "success resets the backoff"
+        );
+    }
+}

@@ -1,0 +1,183 @@
+//! Serving one client connection that speaks HTTP/1.1 or HTTP/2 (prior knowledge), and the
+//! per-request handler that routes, runs the request stages, and answers errors.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{Request, Response, header};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::app::Proxy;
+use crate::body::{self, Body};
+use crate::detect::Protocol;
+use crate::drain::Drain;
+use crate::forward::Destination;
+use crate::headers;
+use crate::metrics::{Direction, RouteMetrics};
+use crate::pipeline;
+use crate::respond::{self, ProxyError};
+use crate::rewind::Rewind;
+use crate::snapshot::{RequestView, Snapshot};
+
+/// What the connection stages learned about a connection, for every request on it.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    pub client: SocketAddr,
+    pub direction: Direction,
+    pub target: Target,
+}
+
+/// What the client is calling, as far as the connection tells.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// An explicit per-service listener.
+    Service(Arc<str>),
+    /// The explicit outbound listener: the Host header names the service.
+    ByAuthority,
+    /// Transparent outbound: the original destination, used when the host is not in the mesh.
+    OriginalDst(SocketAddr),
+    /// Inbound: the local application.
+    App(SocketAddr),
+}
+
+pub async fn serve(
+    io: Rewind<TcpStream>,
+    protocol: Protocol,
+    conn: ConnInfo,
+    proxy: Arc<Proxy>,
+    mut drain: Drain,
+) {
+    let conn = Arc::new(conn);
+    let service = {
+        let proxy = proxy.clone();
+        service_fn(move |req| handle(proxy.clone(), conn.clone(), req))
+    };
+    let io = TokioIo::new(io);
+    let result = match protocol {
+        Protocol::Http2 => {
+            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            builder
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(proxy.limits.max_concurrent_streams)
+                .max_header_list_size(
+                    u32::try_from(proxy.limits.max_header_bytes).unwrap_or(u32::MAX),
+                );
+            let connection = builder.serve_connection(io, service);
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = drain.signaled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            }
+        }
+        _ => {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(proxy.timeouts.header)
+                .max_headers(proxy.limits.max_headers)
+                .max_buf_size(proxy.limits.max_header_bytes.max(8192) * 2);
+            let connection = builder.serve_connection(io, service).with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                result = connection.as_mut() => result,
+                () = drain.signaled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "client connection ended with an error");
+    }
+}
+
+/// One request: route it, run the request stages, turn any error into the proxy's response,
+/// and record it.
+async fn handle(
+    proxy: Arc<Proxy>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|ct| ct.as_bytes().starts_with(b"application/grpc"));
+    let snapshot = proxy.snapshot.load_full();
+    let (mut parts, incoming) = req.into_parts();
+
+    let (destination, metrics) = match route(&proxy, &snapshot, &conn, &parts) {
+        Ok(found) => found,
+        Err(e) => return Ok(respond::error_response(&e, grpc)),
+    };
+    headers::strip_hop_by_hop(&mut parts.headers);
+    if conn.direction == Direction::Inbound {
+        headers::append_forwarded_for(&mut parts.headers, conn.client.ip());
+    }
+    parts.extensions.insert(destination);
+    let req = Request::from_parts(parts, body::incoming(incoming));
+
+    let resp = match pipeline::call(proxy.clone(), req).await {
+        Ok(resp) => resp,
+        Err(e) => respond::error_response(&e, grpc),
+    };
+    if let Some(metrics) = metrics {
+        metrics.record(conn.direction, resp.status(), started.elapsed());
+    }
+    Ok(resp)
+}
+
+/// Routing: which service, which route, or which single address this request goes to.
+fn route(
+    proxy: &Proxy,
+    snapshot: &Snapshot,
+    conn: &ConnInfo,
+    parts: &http::request::Parts,
+) -> Result<(Destination, Option<RouteMetrics>), ProxyError> {
+    let host = headers::authority(parts)
+        .map(headers::host_of)
+        .unwrap_or_default();
+    let service = match &conn.target {
+        Target::App(addr) => {
+            let metrics = snapshot
+                .local_service()
+                .map(|s| s.default_route().metrics.clone());
+            return Ok((Destination::Direct(proxy.registry.get(*addr)), metrics));
+        }
+        Target::Service(name) => {
+            snapshot
+                .service_named(name)
+                .ok_or_else(|| ProxyError::UnknownService {
+                    name: name.to_string(),
+                })?
+        }
+        Target::ByAuthority => snapshot
+            .service_for_host(&host.to_ascii_lowercase())
+            .ok_or_else(|| ProxyError::UnknownService {
+                name: host.to_string(),
+            })?,
+        Target::OriginalDst(addr) => match snapshot.service_for_host(&host.to_ascii_lowercase()) {
+            Some(service) => service,
+            // Not a mesh service: pass through to where the client was going.
+            None => return Ok((Destination::Direct(proxy.registry.get(*addr)), None)),
+        },
+    };
+    let view = RequestView {
+        host,
+        path: parts.uri.path(),
+        method: parts.method.as_str(),
+        headers: &parts.headers,
+    };
+    let route = service.route(&view).clone();
+    let metrics = route.metrics.clone();
+    Ok((Destination::Route(route), Some(metrics)))
+}

@@ -1,0 +1,54 @@
+//! `sidemesh-proxy`: see `sidemesh-proxy --help`.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use sidemesh_proxy::app;
+use sidemesh_proxy::config::Args;
+use tracing_subscriber::EnvFilter;
+
+fn init_logs(format: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "text" {
+        builder.init();
+    } else {
+        builder.json().init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logs(&args.log_format);
+    let app = match app::build(args).await {
+        Ok(app) => app,
+        Err(e) => {
+            eprintln!("sidemesh-proxy: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    app.run(shutdown_signal()).await;
+    ExitCode::SUCCESS
+}
+
+/// SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+}

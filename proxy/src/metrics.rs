@@ -1,0 +1,305 @@
+//! Prometheus metrics, served at the admin port's `/metrics`.
+//!
+//! Per-route handles (`RouteMetrics`) are looked up once when a config version is compiled,
+//! so recording a request is a few atomic adds: no label hashing on the hot path.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Latency buckets, in seconds: 0.5 ms to about 16 s.
+fn latency_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.0005, 2.0, 16,
+    ))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RouteLabels {
+    direction: &'static str,
+    service: String,
+    route: String,
+    status_class: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RouteLatencyLabels {
+    direction: &'static str,
+    service: String,
+    route: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ProtocolLabels {
+    direction: &'static str,
+    protocol: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EndpointLabels {
+    service: String,
+    endpoint: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+/// Which way a request goes through this proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From the local application to another service.
+    Outbound,
+    /// From another service to the local application.
+    Inbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// All metrics of one proxy.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RouteLabels, Counter>,
+    latency: HistogramFamily<RouteLatencyLabels>,
+    open_connections: Family<DirectionLabels, Gauge>,
+    connections: Family<ProtocolLabels, Counter>,
+    refused_connections: Family<ReasonLabels, Counter>,
+    ejections: Family<EndpointLabels, Counter>,
+    reloads: Family<ResultLabels, Counter>,
+    config_version: Gauge<u64, AtomicU64>,
+}
+
+/// Handles for one route in both directions, created on first use and then cached, so
+/// `/metrics` lists only series that happened and recording stays a few atomic adds.
+#[derive(Debug, Clone)]
+pub struct RouteMetrics {
+    outbound: Arc<DirectionMetrics>,
+    inbound: Arc<DirectionMetrics>,
+}
+
+#[derive(Debug)]
+struct DirectionMetrics {
+    direction: Direction,
+    service: String,
+    route: String,
+    requests: Family<RouteLabels, Counter>,
+    latency_family: HistogramFamily<RouteLatencyLabels>,
+    /// Indexed by status class: 1xx .. 5xx.
+    by_class: [OnceLock<Counter>; 5],
+    latency: OnceLock<Histogram>,
+}
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("sidemesh");
+        let requests = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests by direction, service, route and status class",
+            requests.clone(),
+        );
+        let latency: HistogramFamily<RouteLatencyLabels> =
+            Family::new_with_constructor(latency_histogram);
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to response headers, by direction, service and route",
+            latency.clone(),
+        );
+        let open_connections = Family::<DirectionLabels, Gauge>::default();
+        registry.register(
+            "open_connections",
+            "Client connections open now",
+            open_connections.clone(),
+        );
+        let connections = Family::<ProtocolLabels, Counter>::default();
+        registry.register(
+            "connections",
+            "Client connections accepted, by detected protocol",
+            connections.clone(),
+        );
+        let refused_connections = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "refused_connections",
+            "Client connections closed before a request: over the limit, malformed, too slow",
+            refused_connections.clone(),
+        );
+        let ejections = Family::<EndpointLabels, Counter>::default();
+        registry.register(
+            "endpoint_ejections",
+            "Endpoints ejected by outlier detection",
+            ejections.clone(),
+        );
+        let reloads = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Routing config reloads, applied or refused",
+            reloads.clone(),
+        );
+        let config_version = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "config_version",
+            "Version of the routing config in force",
+            config_version.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            latency,
+            open_connections,
+            connections,
+            refused_connections,
+            ejections,
+            reloads,
+            config_version,
+        }
+    }
+
+    /// Handles for a route; called when a config version is compiled.
+    pub fn route(&self, service: &str, route: &str) -> RouteMetrics {
+        let direction = |direction| {
+            Arc::new(DirectionMetrics {
+                direction,
+                service: service.to_string(),
+                route: route.to_string(),
+                requests: self.requests.clone(),
+                latency_family: self.latency.clone(),
+                by_class: Default::default(),
+                latency: OnceLock::new(),
+            })
+        };
+        RouteMetrics {
+            outbound: direction(Direction::Outbound),
+            inbound: direction(Direction::Inbound),
+        }
+    }
+
+    pub fn connection_opened(
+        &self,
+        direction: Direction,
+        protocol: &'static str,
+    ) -> ConnectionGuard {
+        self.connections
+            .get_or_create(&ProtocolLabels {
+                direction: direction.as_str(),
+                protocol,
+            })
+            .inc();
+        let gauge = self
+            .open_connections
+            .get_or_create(&DirectionLabels {
+                direction: direction.as_str(),
+            })
+            .clone();
+        gauge.inc();
+        ConnectionGuard(gauge)
+    }
+
+    pub fn connection_refused(&self, reason: &'static str) {
+        self.refused_connections
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    pub fn ejected(&self, service: &str, endpoint: std::net::SocketAddr) {
+        self.ejections
+            .get_or_create(&EndpointLabels {
+                service: service.to_string(),
+                endpoint: endpoint.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn reload(&self, applied: bool, version: u64) {
+        let result = if applied { "applied" } else { "refused" };
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
+        self.config_version.set(version);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RouteMetrics {
+    pub fn record(&self, direction: Direction, status: http::StatusCode, latency: Duration) {
+        let m = match direction {
+            Direction::Outbound => &self.outbound,
+            Direction::Inbound => &self.inbound,
+        };
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        m.by_class[class]
+            .get_or_init(|| {
+                m.requests
+                    .get_or_create(&RouteLabels {
+                        direction: m.direction.as_str(),
+                        service: m.service.clone(),
+                        route: m.route.clone(),
+                        status_class: CLASSES[class],
+                    })
+                    .clone()
+            })
+            .inc();
+        m.latency
+            .get_or_init(|| {
+                m.latency_family
+                    .get_or_create(&RouteLatencyLabels {
+                        direction: m.direction.as_str(),
+                        service: m.service.clone(),
+                        route: m.route.clone(),
+                    })
+                    .clone()
+            })
+            .observe(latency.as_secs_f64());
+    }
+}
+
+/// Decrements the open-connections gauge when the connection ends.
+#[derive(Debug)]
+pub struct ConnectionGuard(Gauge);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

@@ -1,0 +1,49 @@
+//! The proxy's data path, in order. Connection stages are plain async functions; request
+//! stages are tower layers around the final `Forward` service.
+//!
+//! Per connection (`accept.rs`):
+//! 1. accept      — a listener per direction (and per upstream in explicit mode); transparent
+//!                  mode reads the original destination (SO_ORIGINAL_DST) so the proxy knows
+//!                  where the application meant to go.
+//! 2. detect      — HTTP/1, HTTP/2, TLS or opaque, within a timeout (`detect.rs`): each needs
+//!                  a different server, and opaque bytes must pass untouched (`tcp.rs`).
+//! 3. serve HTTP  — hyper, with bounded header size, header count and streams (`http.rs`).
+//!
+//! Per request (`http.rs` then the stack below):
+//! 4. route       — host -> service -> route -> destination, once, into the request's
+//!                  extensions (`snapshot.rs`); unknown services are a 404 from the proxy.
+//! 5. timeout     — the route's deadline, so a slow upstream is a 504, not a hang (`timeout.rs`).
+//! 6. forward     — weighted backend, balanced endpoint, pooled connection; outcomes feed
+//!                  outlier detection (`forward.rs`, `balance.rs`, `endpoint.rs`).
+//!
+//! Errors from any stage become a response in one place (`respond.rs`).
+
+use std::sync::Arc;
+
+use http::Request;
+use tower::{Service, ServiceBuilder};
+
+use crate::app::Proxy;
+use crate::body::{Body, ResponseFuture};
+use crate::forward::Forward;
+use crate::timeout::{Timeout, TimeoutLayer};
+
+/// The request stages after routing, outermost first.
+///
+/// The type is spelled out (not `impl Service`) because an opaque return type hides from rustc
+/// that the response future is `Send` for hyper's HTTP/2 executor.
+pub fn stack(proxy: Arc<Proxy>) -> Timeout<Forward> {
+    ServiceBuilder::new()
+        // 5. The route's deadline covers everything below.
+        .layer(TimeoutLayer)
+        // 6. Balance and send.
+        .service(Forward::new(proxy))
+}
+
+/// Runs one request through the stages. Every stage is always ready (none applies
+/// backpressure through `poll_ready`), so the stack is called directly. Returning the concrete
+/// boxed future keeps the caller's async state free of generic futures, which rustc cannot
+/// always prove `Send` for hyper's HTTP/2 executor.
+pub fn call(proxy: Arc<Proxy>, req: Request<Body>) -> ResponseFuture {
+    stack(proxy).call(req)
+}

@@ -1,0 +1,171 @@
+//! The one place where a proxy error becomes a response: status, marker headers, a short body
+//! that says why, and a log line.
+//!
+//! Every synthetic response carries `server: sidemesh` and `x-sidemesh-error: <code>`, so an
+//! operator can tell a proxy 503 from an application 503. gRPC callers get a trailers-only
+//! gRPC error (HTTP 200 with `grpc-status`), which is what gRPC clients understand.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::body::{self, Body};
+
+/// Which side of the proxy a failure came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client sent something the proxy refuses.
+    Downstream,
+    /// The proxy's own state (config, no endpoints, timeouts).
+    Proxy,
+    /// The upstream endpoint failed.
+    Upstream,
+}
+
+/// Everything that can fail between accepting a request and returning its response.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no service `{name}` in the mesh config")]
+    UnknownService { name: String },
+    #[error("service `{service}` has no endpoints")]
+    NoEndpoints { service: String },
+    #[error("every endpoint of `{service}` is ejected after failures")]
+    AllEjected { service: String },
+    #[error("cannot connect to {endpoint}: {reason}")]
+    Connect {
+        endpoint: SocketAddr,
+        reason: String,
+    },
+    #[error("upstream {endpoint} failed: {source}")]
+    Upstream {
+        endpoint: SocketAddr,
+        source: hyper::Error,
+    },
+    #[error("request timed out after {after:?}")]
+    Timeout { after: Duration },
+    #[error("bad request: {why}")]
+    BadRequest { why: String },
+}
+
+impl ProxyError {
+    pub fn side(&self) -> Side {
+        match self {
+            ProxyError::BadRequest { .. } => Side::Downstream,
+            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => Side::Upstream,
+            _ => Side::Proxy,
+        }
+    }
+
+    /// Whether sending the same request again (elsewhere) may succeed: nothing reached the
+    /// upstream application.
+    pub fn retryable(&self) -> bool {
+        matches!(self, ProxyError::Connect { .. })
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::UnknownService { .. } => StatusCode::NOT_FOUND,
+            ProxyError::NoEndpoints { .. } | ProxyError::AllEjected { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// Short machine-readable reason, sent as `x-sidemesh-error`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::UnknownService { .. } => "unknown-service",
+            ProxyError::NoEndpoints { .. } => "no-endpoints",
+            ProxyError::AllEjected { .. } => "all-endpoints-ejected",
+            ProxyError::Connect { .. } => "upstream-connect-failure",
+            ProxyError::Upstream { .. } => "upstream-failure",
+            ProxyError::Timeout { .. } => "request-timeout",
+            ProxyError::BadRequest { .. } => "bad-request",
+        }
+    }
+}
+
+/// Turns an error into the response the client sees, and logs it once.
+pub fn error_response(error: &ProxyError, grpc: bool) -> Response<Body> {
+    match error.side() {
+        Side::Downstream => tracing::debug!(error = %error, "refused request"),
+        _ => tracing::info!(error = %error, code = error.code(), "proxy answered with an error"),
+    }
+    if grpc {
+        grpc_error(error.status(), error.code(), &error.to_string())
+    } else {
+        synthetic(error.status(), error.code(), &error.to_string())
+    }
+}
+
+/// A plain-text response made by the proxy itself.
+pub fn synthetic(status: StatusCode, code: &'static str, message: &str) -> Response<Body> {
+    let mut resp = Response::new(body::full(Bytes::from(format!("sidemesh: {message}\n"))));
+    *resp.status_mut() = status;
+    mark(resp.headers_mut(), code);
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// A trailers-only gRPC error (HTTP 200, `grpc-status` in the headers).
+fn grpc_error(status: StatusCode, code: &'static str, message: &str) -> Response<Body> {
+    let grpc_status = match status {
+        StatusCode::NOT_FOUND => "12", // UNIMPLEMENTED: no such service here
+        StatusCode::GATEWAY_TIMEOUT => "4", // DEADLINE_EXCEEDED
+        StatusCode::BAD_REQUEST => "13", // INTERNAL
+        StatusCode::TOO_MANY_REQUESTS => "8", // RESOURCE_EXHAUSTED
+        StatusCode::FORBIDDEN => "7",  // PERMISSION_DENIED
+        _ => "14",                     // UNAVAILABLE
+    };
+    let mut resp = Response::new(body::empty());
+    let headers = resp.headers_mut();
+    mark(headers, code);
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", HeaderValue::from_static(grpc_status));
+    if let Ok(v) = HeaderValue::from_str(&percent_encode(&format!("sidemesh: {message}"))) {
+        headers.insert("grpc-message", v);
+    }
+    resp
+}
+
+fn mark(headers: &mut http::HeaderMap, code: &'static str) {
+    headers.insert(header::SERVER, HeaderValue::from_static("sidemesh"));
+    headers.insert("x-sidemesh-error", HeaderValue::from_static(code));
+}
+
+/// gRPC's percent-encoding of `grpc-message`: printable ASCII except `%` stays as is.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Raw HTTP/1.1 bytes for errors found before hyper sees the connection (a malformed or
+/// oversized request head, a client too slow to send one). The connection is closed after.
+pub fn raw_http1(status: StatusCode, code: &'static str, message: &str) -> Vec<u8> {
+    let body = format!("sidemesh: {message}\n");
+    format!(
+        "HTTP/1.1 {} {}\r\nserver: sidemesh\r\nx-sidemesh-error: {code}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    )
+    .into_bytes()
+}

@@ -1,0 +1,329 @@
+//! A compiled, immutable view of the routing config for one proxy: services by host name,
+//! each with its balancer and its route table in match order. Swapped atomically on reload,
+//! so a request sees one whole version from start to end.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::Serialize;
+use sidemesh_config::{Mesh, PathMatch, Protocol, Route, RouteMatch, ServiceId};
+
+use crate::balance::Balancer;
+use crate::endpoint::{OutlierPolicy, Registry};
+use crate::metrics::{Metrics, RouteMetrics};
+
+#[derive(Debug)]
+pub struct Snapshot {
+    pub version: u64,
+    pub mesh: Mesh,
+    /// The service this proxy fronts.
+    pub local: ServiceId,
+    services: HashMap<ServiceId, Arc<ServiceEntry>>,
+    /// `name`, `name.ns`, `name.ns.svc`, `name.ns.svc.cluster.local` -> service.
+    hosts: HashMap<String, ServiceId>,
+}
+
+#[derive(Debug)]
+pub struct ServiceEntry {
+    pub id: ServiceId,
+    pub label: Arc<str>,
+    pub protocol: Protocol,
+    pub balancer: Arc<Balancer>,
+    /// `(match, route)` in precedence order; the first that matches wins.
+    table: Vec<(RouteMatch, Arc<RouteEntry>)>,
+    /// Requests no route matches: straight to the service, no timeout, no retries.
+    default_route: Arc<RouteEntry>,
+}
+
+#[derive(Debug)]
+pub struct RouteEntry {
+    pub name: Arc<str>,
+    pub service: Arc<str>,
+    /// The route's settings; `None` for a service's default route.
+    pub config: Option<Route>,
+    backends: Vec<(u32, Arc<Balancer>)>,
+    total_weight: u32,
+    pub metrics: RouteMetrics,
+}
+
+/// Why a config cannot serve this proxy.
+#[derive(Debug, thiserror::Error)]
+pub enum CompileError {
+    #[error("service `{0}` is not in the mesh config; `--service` must name one of: {1}")]
+    UnknownLocalService(String, String),
+}
+
+impl Snapshot {
+    pub fn compile(
+        mesh: Mesh,
+        version: u64,
+        local: &str,
+        registry: &Registry,
+        metrics: &Metrics,
+    ) -> Result<Self, CompileError> {
+        let local_id = find_service(&mesh, local).ok_or_else(|| {
+            let names: Vec<String> = mesh.services.iter().map(|s| s.id.to_string()).collect();
+            CompileError::UnknownLocalService(local.to_string(), names.join(", "))
+        })?;
+
+        let mut balancers: HashMap<ServiceId, Arc<Balancer>> = HashMap::new();
+        for s in &mesh.services {
+            let endpoints = s.endpoints.iter().map(|addr| registry.get(*addr)).collect();
+            let outlier = OutlierPolicy {
+                consecutive_failures: s.outlier_detection.consecutive_failures,
+                base_ejection: s.outlier_detection.base_ejection.get(),
+                max_ejection: s.outlier_detection.max_ejection.get(),
+            };
+            let balancer = Balancer::new(
+                s.id.to_string(),
+                s.load_balancer.clone(),
+                outlier,
+                endpoints,
+            );
+            balancers.insert(s.id.clone(), Arc::new(balancer));
+        }
+
+        let mut services = HashMap::new();
+        for s in &mesh.services {
+            let label: Arc<str> = Arc::from(s.id.name.as_str());
+            let balancer = balancers[&s.id].clone();
+            let default_route = Arc::new(RouteEntry {
+                name: Arc::from("default"),
+                service: label.clone(),
+                config: None,
+                backends: vec![(1, balancer.clone())],
+                total_weight: 1,
+                metrics: metrics.route(&label, "default"),
+            });
+            let mut table: Vec<(usize, RouteMatch, Arc<RouteEntry>)> = Vec::new();
+            for (order, route) in mesh.routes_for(&s.id).enumerate() {
+                let mut cumulative = 0;
+                let backends = route
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        cumulative += b.weight;
+                        (cumulative, balancers[&b.service].clone())
+                    })
+                    .collect();
+                let entry = Arc::new(RouteEntry {
+                    name: Arc::from(route.name.as_str()),
+                    service: label.clone(),
+                    config: Some(route.clone()),
+                    backends,
+                    total_weight: cumulative,
+                    metrics: metrics.route(&label, &route.name),
+                });
+                let matches = if route.matches.is_empty() {
+                    vec![RouteMatch::default()]
+                } else {
+                    route.matches.clone()
+                };
+                for m in matches {
+                    table.push((order, m, entry.clone()));
+                }
+            }
+            table.sort_by_key(|(order, m, _)| (precedence(m), *order));
+            services.insert(
+                s.id.clone(),
+                Arc::new(ServiceEntry {
+                    id: s.id.clone(),
+                    label,
+                    protocol: s.ports.first().map_or(Protocol::Http, |p| p.protocol),
+                    balancer,
+                    table: table.into_iter().map(|(_, m, e)| (m, e)).collect(),
+                    default_route,
+                }),
+            );
+        }
+
+        let mut hosts = HashMap::new();
+        for s in &mesh.services {
+            let ns = &s.id.namespace;
+            let name = &s.id.name;
+            for alias in [
+                format!("{name}.{ns}"),
+                format!("{name}.{ns}.svc"),
+                format!("{name}.{ns}.svc.cluster.local"),
+            ] {
+                hosts.insert(alias, s.id.clone());
+            }
+            // A bare name means the service in this proxy's namespace first (as Kubernetes DNS
+            // search paths do), else the only service of that name.
+            let bare = hosts.entry(name.clone()).or_insert_with(|| s.id.clone());
+            if *ns == local_id.namespace {
+                *bare = s.id.clone();
+            }
+        }
+
+        Ok(Self {
+            version,
+            mesh,
+            local: local_id,
+            services,
+            hosts,
+        })
+    }
+
+    pub fn service(&self, id: &ServiceId) -> Option<&Arc<ServiceEntry>> {
+        self.services.get(id)
+    }
+
+    /// The service a host name (without port) refers to.
+    pub fn service_for_host(&self, host: &str) -> Option<&Arc<ServiceEntry>> {
+        let id = self.hosts.get(host)?;
+        self.services.get(id)
+    }
+
+    /// The service a name given on the command line (`name` or `name.namespace`) refers to.
+    pub fn service_named(&self, name: &str) -> Option<&Arc<ServiceEntry>> {
+        self.service_for_host(name)
+    }
+
+    pub fn local_service(&self) -> Option<&Arc<ServiceEntry>> {
+        self.services.get(&self.local)
+    }
+}
+
+fn find_service(mesh: &Mesh, name: &str) -> Option<ServiceId> {
+    let (n, ns) = match name.split_once('.') {
+        Some((n, ns)) => (n, Some(ns)),
+        None => (name, None),
+    };
+    let mut found = mesh
+        .services
+        .iter()
+        .filter(|s| s.id.name == n && ns.is_none_or(|ns| s.id.namespace == ns));
+    match (found.next(), found.next()) {
+        (Some(s), None) => Some(s.id.clone()),
+        _ => None,
+    }
+}
+
+/// Sort key, most specific first: exact path, then longer prefixes, then regexes, then no
+/// path; within those, a method beats none and more header conditions beat fewer.
+fn precedence(m: &RouteMatch) -> (u8, std::cmp::Reverse<usize>, u8, std::cmp::Reverse<usize>) {
+    let (kind, len) = match &m.path {
+        Some(PathMatch::Exact(p)) => (0, p.len()),
+        Some(PathMatch::Prefix(p)) => (1, p.len()),
+        Some(PathMatch::Regex(_)) => (2, 0),
+        None => (3, 0),
+    };
+    (
+        kind,
+        std::cmp::Reverse(len),
+        u8::from(m.method.is_none()),
+        std::cmp::Reverse(m.headers.len()),
+    )
+}
+
+/// The parts of a request that routes match on.
+#[derive(Debug)]
+pub struct RequestView<'a> {
+    pub host: &'a str,
+    pub path: &'a str,
+    pub method: &'a str,
+    pub headers: &'a http::HeaderMap,
+}
+
+impl ServiceEntry {
+    pub fn default_route(&self) -> &Arc<RouteEntry> {
+        &self.default_route
+    }
+
+    /// The route for a request: the first match in precedence order, else the default route.
+    pub fn route(&self, req: &RequestView<'_>) -> &Arc<RouteEntry> {
+        self.table
+            .iter()
+            .find(|(m, _)| matches(m, req))
+            .map_or(&self.default_route, |(_, r)| r)
+    }
+}
+
+impl RouteEntry {
+    /// Picks a backend by weight.
+    pub fn backend(&self) -> &Arc<Balancer> {
+        if self.backends.len() == 1 {
+            return &self.backends[0].1;
+        }
+        let draw = fastrand::u32(..self.total_weight.max(1));
+        self.backends
+            .iter()
+            .find(|(cumulative, _)| draw < *cumulative)
+            .map_or(&self.backends[0].1, |(_, b)| b)
+    }
+
+    pub fn timeout(&self) -> Option<std::time::Duration> {
+        self.config
+            .as_ref()
+            .and_then(|r| r.timeout)
+            .map(|d| d.get())
+    }
+}
+
+pub fn matches(m: &RouteMatch, req: &RequestView<'_>) -> bool {
+    if let Some(authority) = &m.authority {
+        let ok = match authority.strip_prefix("*.") {
+            Some(suffix) => req
+                .host
+                .strip_suffix(suffix)
+                .is_some_and(|head| head.ends_with('.') && head.len() > 1),
+            None => req.host.eq_ignore_ascii_case(authority),
+        };
+        if !ok {
+            return false;
+        }
+    }
+    if let Some(path) = &m.path {
+        let ok = match path {
+            PathMatch::Exact(p) => req.path == p,
+            PathMatch::Prefix(p) => {
+                p.is_empty()
+                    || req
+                        .path
+                        .strip_prefix(p.as_str())
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            }
+            PathMatch::Regex(re) => re.is_match(req.path),
+        };
+        if !ok {
+            return false;
+        }
+    }
+    if m.method
+        .as_deref()
+        .is_some_and(|method| method != req.method)
+    {
+        return false;
+    }
+    m.headers.iter().all(|h| {
+        let mut values = req.headers.get_all(h.name.as_str()).iter();
+        match &h.value {
+            sidemesh_config::HeaderValueMatch::Present => values.next().is_some(),
+            sidemesh_config::HeaderValueMatch::Exact(v) => {
+                values.any(|x| x.as_bytes() == v.as_bytes())
+            }
+            sidemesh_config::HeaderValueMatch::Regex(re) => {
+                values.any(|x| x.to_str().is_ok_and(|s| re.is_match(s)))
+            }
+        }
+    })
+}
+
+/// What `/config_dump` shows of the routing state.
+#[derive(Debug, Serialize)]
+pub struct SnapshotDump<'a> {
+    pub version: u64,
+    pub local_service: String,
+    pub mesh: &'a Mesh,
+}
+
+impl Snapshot {
+    pub fn dump(&self) -> SnapshotDump<'_> {
+        SnapshotDump {
+            version: self.version,
+            local_service: self.local.to_string(),
+            mesh: &self.mesh,
+        }
+    }
+}
