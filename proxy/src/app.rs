@@ -35,7 +35,8 @@ pub struct Proxy {
 /// Why a proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("routing config {path}: {source}")]
+    /// The config's own messages name their files, lines and columns.
+    #[error("{source}")]
     Config {
         path: PathBuf,
         source: sidemesh_config::LoadError,
@@ -165,8 +166,11 @@ impl App {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let (controller, drain) = drain::channel();
         for (kind, listener) in self.listeners {
-            let addr = listener.local_addr().ok();
-            tracing::info!(listener = %kind.name(), addr = ?addr.map(|a| a.to_string()), "listening");
+            let addr = listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            tracing::info!(listener = %kind.name(), addr = %addr, "listening");
             tokio::spawn(accept::serve(
                 listener,
                 kind,

@@ -99,7 +99,7 @@ pub async fn sniff(
 }
 
 async fn read_more(io: &mut TcpStream, buf: &mut BytesMut, max: usize) -> std::io::Result<usize> {
-    let room = max.saturating_sub(buf.len()).max(1).min(8192);
+    let room = max.saturating_sub(buf.len()).clamp(1, 8192);
     buf.reserve(room);
     let mut limited = (&mut *io).take(room as u64);
     limited.read_buf(buf).await

@@ -1,20 +1,22 @@
 //! The proxy's data path, in order. Connection stages are plain async functions; request
 //! stages are tower layers around the final `Forward` service.
 //!
-//! Per connection (`accept.rs`):
-//! 1. accept      — a listener per direction (and per upstream in explicit mode); transparent
-//!                  mode reads the original destination (SO_ORIGINAL_DST) so the proxy knows
-//!                  where the application meant to go.
-//! 2. detect      — HTTP/1, HTTP/2, TLS or opaque, within a timeout (`detect.rs`): each needs
-//!                  a different server, and opaque bytes must pass untouched (`tcp.rs`).
-//! 3. serve HTTP  — hyper, with bounded header size, header count and streams (`http.rs`).
+//! ```text
+//! per connection (accept.rs)
+//!  1. accept     a listener per direction (and per upstream in explicit mode); transparent
+//!                mode reads the original destination (SO_ORIGINAL_DST), so the proxy knows
+//!                where the application meant to go
+//!  2. detect     HTTP/1, HTTP/2, TLS or opaque, within a timeout (detect.rs): each needs a
+//!                different server, and opaque bytes must pass untouched (tcp.rs)
+//!  3. serve      hyper, with bounded header size, header count and streams (http.rs)
 //!
-//! Per request (`http.rs` then the stack below):
-//! 4. route       — host -> service -> route -> destination, once, into the request's
-//!                  extensions (`snapshot.rs`); unknown services are a 404 from the proxy.
-//! 5. timeout     — the route's deadline, so a slow upstream is a 504, not a hang (`timeout.rs`).
-//! 6. forward     — weighted backend, balanced endpoint, pooled connection; outcomes feed
-//!                  outlier detection (`forward.rs`, `balance.rs`, `endpoint.rs`).
+//! per request (http.rs, then `stack` below)
+//!  4. route      host -> service -> route -> destination, once, into the request's
+//!                extensions (snapshot.rs); an unknown service is a 404 from the proxy
+//!  5. timeout    the route's deadline, so a slow upstream is a 504, not a hang (timeout.rs)
+//!  6. forward    weighted backend, balanced endpoint, pooled connection; outcomes feed
+//!                outlier detection (forward.rs, balance.rs, endpoint.rs)
+//! ```
 //!
 //! Errors from any stage become a response in one place (`respond.rs`).
 

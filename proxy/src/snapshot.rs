@@ -200,9 +200,23 @@ fn find_service(mesh: &Mesh, name: &str) -> Option<ServiceId> {
     }
 }
 
-/// Sort key, most specific first: exact path, then longer prefixes, then regexes, then no
-/// path; within those, a method beats none and more header conditions beat fewer.
-fn precedence(m: &RouteMatch) -> (u8, std::cmp::Reverse<usize>, u8, std::cmp::Reverse<usize>) {
+/// Sort key, most specific first: an exact authority, then a wildcard one, then none; then
+/// exact path, longer prefixes, regexes, no path; then a method over none, and more header
+/// conditions over fewer. Declaration order breaks ties.
+fn precedence(
+    m: &RouteMatch,
+) -> (
+    u8,
+    u8,
+    std::cmp::Reverse<usize>,
+    u8,
+    std::cmp::Reverse<usize>,
+) {
+    let authority = match &m.authority {
+        Some(a) if a.starts_with("*.") => 1,
+        Some(_) => 0,
+        None => 2,
+    };
     let (kind, len) = match &m.path {
         Some(PathMatch::Exact(p)) => (0, p.len()),
         Some(PathMatch::Prefix(p)) => (1, p.len()),
@@ -210,6 +224,7 @@ fn precedence(m: &RouteMatch) -> (u8, std::cmp::Reverse<usize>, u8, std::cmp::Re
         None => (3, 0),
     };
     (
+        authority,
         kind,
         std::cmp::Reverse(len),
         u8::from(m.method.is_none()),
@@ -325,5 +340,122 @@ impl Snapshot {
             local_service: self.local.to_string(),
             mesh: &self.mesh,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MESH: &str = "\
+apiVersion: sidemesh.io/v1
+kind: Mesh
+services:
+  - {name: me, ports: [{port: 1}]}
+  - {name: api, namespace: shop, ports: [{port: 80}]}
+routes:
+  - name: catch-all
+    service: api
+  - name: users-prefix
+    service: api
+    matches: [{path: {prefix: /users}}]
+  - name: users-exact
+    service: api
+    matches: [{path: {exact: /users/me}}]
+  - name: users-regex
+    service: api
+    matches: [{path: {regex: '/users/[0-9]+'}}]
+  - name: admin-post
+    service: api
+    matches: [{path: {prefix: /users}, method: POST, headers: [{name: x-admin, exact: 'yes'}]}]
+  - name: canary-header
+    service: api
+    matches: [{headers: [{name: x-canary}]}, {authority: '*.canary.example'}]
+";
+
+    fn snapshot() -> Snapshot {
+        let mesh = sidemesh_config::parse_str("t.yaml", MESH).expect("valid");
+        Snapshot::compile(mesh, 1, "me", &Registry::default(), &Metrics::new()).expect("compile")
+    }
+
+    /// (host, method, path, headers, expected route)
+    type Case = (
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static [(&'static str, &'static str)],
+        &'static str,
+    );
+
+    #[test]
+    fn the_most_specific_match_wins() {
+        let snapshot = snapshot();
+        let api = snapshot.service_for_host("api").expect("bare name");
+        for alias in ["api.shop", "api.shop.svc", "api.shop.svc.cluster.local"] {
+            assert!(snapshot.service_for_host(alias).is_some(), "{alias}");
+        }
+        let cases: &[Case] = &[
+            // (host, method, path, headers, route)
+            ("api", "GET", "/users/me", &[], "users-exact"),
+            ("api", "GET", "/users/42", &[], "users-prefix"),
+            ("api", "GET", "/users", &[], "users-prefix"),
+            ("api", "GET", "/usersx", &[], "catch-all"),
+            (
+                "api",
+                "POST",
+                "/users/1",
+                &[("x-admin", "yes")],
+                "admin-post",
+            ),
+            (
+                "api",
+                "POST",
+                "/users/1",
+                &[("x-admin", "no")],
+                "users-prefix",
+            ),
+            (
+                "api",
+                "GET",
+                "/other",
+                &[("x-canary", "1")],
+                "canary-header",
+            ),
+            ("a.canary.example", "GET", "/other", &[], "canary-header"),
+            ("canary.example", "GET", "/other", &[], "catch-all"),
+            ("api", "GET", "/", &[], "catch-all"),
+        ];
+        for (host, method, path, headers, expected) in cases {
+            let mut map = http::HeaderMap::new();
+            for (k, v) in *headers {
+                map.insert(
+                    http::HeaderName::from_static(k),
+                    http::HeaderValue::from_static(v),
+                );
+            }
+            let view = RequestView {
+                host,
+                path,
+                method,
+                headers: &map,
+            };
+            assert_eq!(
+                &*api.route(&view).name,
+                *expected,
+                "{method} {host}{path} {headers:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_proxy_for_an_unknown_service_is_refused() {
+        let mesh = sidemesh_config::parse_str("t.yaml", MESH).expect("valid");
+        let err = Snapshot::compile(mesh, 1, "nope", &Registry::default(), &Metrics::new())
+            .expect_err("unknown");
+        assert!(
+            err.to_string()
+                .contains("must name one of: me.default, api.shop"),
+            "{err}"
+        );
     }
 }

@@ -67,7 +67,10 @@ pub fn skip(reason: &str) {
 #[derive(Debug)]
 pub struct Proc {
     pub name: String,
+    /// The first listener's address.
     pub addr: SocketAddr,
+    /// Every `listening` line: the `listener` field (or `main`) -> address.
+    pub listeners: Vec<(String, SocketAddr)>,
     child: Child,
     logs: Arc<Mutex<Vec<String>>>,
 }
@@ -75,6 +78,12 @@ pub struct Proc {
 impl Proc {
     /// Starts `name` with `args` and waits (10 s at most) for its `listening` log line.
     pub fn start(name: &str, args: &[&str]) -> Proc {
+        Self::start_until(name, args, "listening")
+    }
+
+    /// Starts `name` and waits (10 s at most) for a log line whose message is `ready_message`,
+    /// collecting every `listening` line before it.
+    pub fn start_until(name: &str, args: &[&str], ready_message: &str) -> Proc {
         let mut child = Command::new(bin(name))
             .args(args)
             .env("RUST_LOG", "info")
@@ -87,17 +96,24 @@ impl Proc {
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let sink = logs.clone();
+        let ready_message = ready_message.to_string();
         std::thread::spawn(move || {
+            let mut listeners = Vec::new();
+            let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = listening_addr(&line) {
-                    let _ = tx.send(addr);
+                if let Some(listener) = listening_addr(&line) {
+                    listeners.push(listener);
+                }
+                if !sent && log_message(&line).as_deref() == Some(ready_message.as_str()) {
+                    let _ = tx.send(listeners.clone());
+                    sent = true;
                 }
                 sink.lock().unwrap_or_else(|p| p.into_inner()).push(line);
             }
         });
-        let addr = match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(addr) => addr,
-            Err(_) => {
+        let listeners = match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(listeners) if !listeners.is_empty() => listeners,
+            _ => {
                 let _ = child.kill();
                 let logs = logs.lock().unwrap_or_else(|p| p.into_inner()).join("\n");
                 panic!("{name} did not log `listening` within 10s; its logs:\n{logs}");
@@ -105,10 +121,25 @@ impl Proc {
         };
         Proc {
             name: name.to_string(),
-            addr,
+            addr: listeners[0].1,
+            listeners,
             child,
             logs,
         }
+    }
+
+    /// The address of a named listener (`outbound`, `admin`, `upstream:<service>`, ...).
+    pub fn listener(&self, name: &str) -> SocketAddr {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{} has no `{name}` listener: {:?}",
+                    self.name, self.listeners
+                )
+            })
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -159,14 +190,24 @@ impl Drop for Proc {
     }
 }
 
-/// Finds `addr` in a JSON log line whose message is `listening`.
-fn listening_addr(line: &str) -> Option<SocketAddr> {
+fn log_message(line: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    Some(v.get("fields")?.get("message")?.as_str()?.to_string())
+}
+
+/// `(listener, addr)` from a JSON log line whose message is `listening`.
+fn listening_addr(line: &str) -> Option<(String, SocketAddr)> {
     let v: serde_json::Value = serde_json::from_str(line).ok()?;
     let fields = v.get("fields")?;
     if fields.get("message")?.as_str()? != "listening" {
         return None;
     }
-    fields.get("addr")?.as_str()?.parse().ok()
+    let name = fields
+        .get("listener")
+        .and_then(|l| l.as_str())
+        .unwrap_or("main")
+        .to_string();
+    Some((name, fields.get("addr")?.as_str()?.parse().ok()?))
 }
 
 /// What an HTTP response looked like to the client.

@@ -5,13 +5,18 @@
 //!   killed on drop so a failing test leaves nothing behind.
 //! - `http`: a small HTTP/1.1 client returning status, headers and body.
 //! - `eventually`: bounded polling with a clear failure message (never sleep and hope).
+//! - `servers`: real servers to put behind the proxy (HTTP, WebSocket, TCP, gRPC echo).
+//! - `TestProxy`: the real proxy in-process on port 0, with a rewritable routing YAML.
 //! - `Rotel`: a real OpenTelemetry collector (`rotel` from PyPI) and the spans it received.
 //! - `skip`: skipping with a printed reason, turned into a failure when `SIDEMESH_NO_SKIP=1` (CI).
 
 #![forbid(unsafe_code)]
 
 mod harness;
+mod proxy;
 mod rotel;
+pub mod servers;
 
 pub use harness::{Proc, Response, bin, eventually, http, skip, workspace_root};
+pub use proxy::TestProxy;
 pub use rotel::{Rotel, SeenSpan};
