@@ -17,6 +17,7 @@ pub const ENV_ADMIN_ADDR: &str = "SIDEMESH_ADMIN_ADDR";
 pub const ENV_APP_ADDR: &str = "SIDEMESH_APP_ADDR";
 pub const ENV_UPSTREAMS: &str = "SIDEMESH_UPSTREAMS";
 pub const ENV_LOG_FORMAT: &str = "SIDEMESH_LOG_FORMAT";
+pub const ENV_WORKER_THREADS: &str = "SIDEMESH_WORKER_THREADS";
 
 /// How traffic reaches the proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -60,6 +61,10 @@ pub struct Args {
     /// Log format: json or text.
     #[arg(long, env = ENV_LOG_FORMAT, default_value = "json")]
     pub log_format: String,
+    /// Threads serving traffic. A sidecar shares its pod's CPU with the application, so the
+    /// default is small; raise it for proxies that carry a lot.
+    #[arg(long, env = ENV_WORKER_THREADS, default_value_t = 1)]
+    pub worker_threads: usize,
     #[command(flatten)]
     pub limits: Limits,
     #[command(flatten)]
@@ -180,6 +185,7 @@ impl Args {
             app: None,
             upstreams: Vec::new(),
             log_format: "json".into(),
+            worker_threads: 1,
             limits: Limits::default(),
             timeouts: Timeouts::default(),
         }

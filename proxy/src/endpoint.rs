@@ -320,10 +320,19 @@ pub struct EndpointState {
 }
 
 /// Endpoints by address, shared across config versions.
+///
+/// Service endpoints are held by the snapshots that use them (the registry only keeps weak
+/// references, so endpoints removed from the config go away). Direct destinations (the local
+/// application, pass-through addresses) are in no snapshot, so they are pinned here, with a
+/// bound, or their pooled connections would be dropped after every request.
 #[derive(Debug, Default)]
 pub struct Registry {
     endpoints: Mutex<HashMap<SocketAddr, Weak<Endpoint>>>,
+    pinned: Mutex<HashMap<SocketAddr, Arc<Endpoint>>>,
 }
+
+/// Most pinned direct destinations; beyond it the least useful (idle) ones are let go.
+const MAX_PINNED: usize = 1024;
 
 impl Registry {
     /// The live endpoint for `addr`, or a new one.
@@ -335,6 +344,20 @@ impl Registry {
         map.retain(|_, weak| weak.strong_count() > 0);
         let ep = Arc::new(Endpoint::new(addr));
         map.insert(addr, Arc::downgrade(&ep));
+        ep
+    }
+
+    /// A direct destination, kept alive (and its connections pooled) across requests.
+    pub fn pinned(&self, addr: SocketAddr) -> Arc<Endpoint> {
+        let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ep) = pinned.get(&addr) {
+            return ep.clone();
+        }
+        if pinned.len() >= MAX_PINNED {
+            pinned.retain(|_, ep| ep.in_flight() > 0);
+        }
+        let ep = self.get(addr);
+        pinned.insert(addr, ep.clone());
         ep
     }
 

@@ -151,7 +151,7 @@ fn route(
             let metrics = snapshot
                 .local_service()
                 .map(|s| s.default_route().metrics.clone());
-            return Ok((Destination::Direct(proxy.registry.get(*addr)), metrics));
+            return Ok((Destination::Direct(proxy.registry.pinned(*addr)), metrics));
         }
         Target::Service(name) => {
             snapshot
@@ -168,7 +168,7 @@ fn route(
         Target::OriginalDst(addr) => match snapshot.service_for_host(&host.to_ascii_lowercase()) {
             Some(service) => service,
             // Not a mesh service: pass through to where the client was going.
-            None => return Ok((Destination::Direct(proxy.registry.get(*addr)), None)),
+            None => return Ok((Destination::Direct(proxy.registry.pinned(*addr)), None)),
         },
     };
     let view = RequestView {

@@ -37,6 +37,7 @@ pub struct EchoServer {
     pub id: String,
     healthy: Arc<AtomicBool>,
     hits: Arc<AtomicU64>,
+    connections: Arc<AtomicU64>,
 }
 
 impl EchoServer {
@@ -50,6 +51,7 @@ impl EchoServer {
             id: id.to_string(),
             healthy: Arc::new(AtomicBool::new(true)),
             hits: Arc::new(AtomicU64::new(0)),
+            connections: Arc::new(AtomicU64::new(0)),
         };
         let state = server.clone();
         tokio::spawn(async move {
@@ -57,6 +59,7 @@ impl EchoServer {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                state.connections.fetch_add(1, Ordering::SeqCst);
                 let state = state.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
@@ -78,6 +81,11 @@ impl EchoServer {
 
     pub fn hits(&self) -> u64 {
         self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
     }
 
     async fn answer(&self, req: Request<Incoming>) -> Response<EchoBody> {

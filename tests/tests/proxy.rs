@@ -710,3 +710,56 @@ async fn admin_endpoints_report_readiness_metrics_and_config() {
     assert_eq!(dump["endpoints"][0]["addr"], echo.addr.to_string());
     assert_eq!(dump["proxy"]["service"], "client");
 }
+
+#[tokio::test]
+async fn upstream_connections_are_reused_outbound_and_inbound() {
+    let echo = EchoServer::start("echo").await;
+    let yaml = mesh(&[("echo", vec![echo.addr], "")], "");
+    // Outbound: the client-side proxy pools its connections to the service's endpoint.
+    let outbound = TestProxy::start(&yaml, "client", &["echo"], |_| {}).await;
+    for _ in 0..50 {
+        let resp = http(Method::GET, &outbound.url("echo", "/"), None, &[])
+            .await
+            .expect("GET");
+        assert_eq!(resp.status, StatusCode::OK);
+    }
+    assert_eq!(
+        echo.connections(),
+        1,
+        "50 sequential requests share one pooled connection"
+    );
+
+    // Inbound: the server-side proxy pools its connections to the local application.
+    let app = EchoServer::start("app").await;
+    let inbound = TestProxy::start(&yaml, "echo", &[], |args| {
+        args.app = Some(app.addr);
+    })
+    .await;
+    let url = format!(
+        "http://{}/",
+        inbound.addrs.inbound.expect("inbound listener")
+    );
+    for _ in 0..50 {
+        let resp = http(Method::GET, &url, None, &[]).await.expect("GET");
+        assert_eq!(resp.status, StatusCode::OK);
+        assert_eq!(resp.body, "app");
+    }
+    assert_eq!(
+        app.connections(),
+        1,
+        "50 sequential inbound requests share one connection to the app"
+    );
+    let seen = http(
+        Method::GET,
+        &format!("http://{}/headers", inbound.addrs.inbound.expect("inbound")),
+        None,
+        &[],
+    )
+    .await
+    .expect("GET")
+    .json();
+    assert_eq!(
+        seen["headers"]["x-forwarded-for"], "127.0.0.1",
+        "inbound adds the caller's address"
+    );
+}

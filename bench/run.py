@@ -1,0 +1,424 @@
+#!/usr/bin/env python3
+"""Sidemesh data-plane benchmark (run it through bench/run.sh).
+
+Topologies, each in front of the same nginx backend that answers `200 ok`:
+  direct        load generator -> backend
+  sidemesh-1    -> one Sidemesh proxy (explicit upstream listener) -> backend
+  sidemesh-2    -> client-side proxy -> server-side proxy (inbound) -> backend: one mesh hop
+  nginx-2       -> nginx -> nginx -> backend (keep-alive upstreams)
+  haproxy-2     -> HAProxy -> HAProxy -> backend (http-reuse always)
+gRPC (h2load, demo user-service as backend): direct, sidemesh-1, sidemesh-2.
+
+Machines here are shared and noisy, so: the load generator runs on core 0 and every server
+process on core 1 (taskset); topologies are interleaved within each round; results are
+medians over rounds with the spread (min-max); everything is compared with the direct
+baseline of the same round. CPU cost is CPU time of the proxy processes per request, read
+from /proc, which does not depend on how busy the machine is.
+"""
+
+import argparse
+import json
+import os
+import re
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REL = os.path.join(ROOT, "target", "release")
+LOAD_CORE, SERVER_CORE = "0", "1"
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=10.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port} after {timeout}s")
+
+
+def cpu_seconds(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime (whole process)
+        except FileNotFoundError:
+            pass
+    return total / CLK
+
+
+def rss_kib(pid, field="VmRSS"):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def children(pid):
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+class Procs:
+    """Server-side processes of one topology, pinned to the server core."""
+
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.procs = []
+
+    def start(self, args, env=None, name="proc"):
+        log = open(os.path.join(self.tmp, f"{name}.log"), "ab")
+        full_env = dict(os.environ, RUST_LOG="warn", **(env or {}))
+        p = subprocess.Popen(["taskset", "-c", SERVER_CORE] + args, stdout=log, stderr=log, env=full_env,
+                             preexec_fn=raise_nofile)
+        self.procs.append(p)
+        return p
+
+    def stop(self):
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.procs = []
+
+
+def raise_nofile():
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+
+
+def nginx_conf(tmp, name, port, target=None):
+    body = (f"location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}"
+            if target else 'location / { return 200 "ok\\n"; }')
+    upstream = f"upstream up {{ server 127.0.0.1:{target}; keepalive 64; }}" if target else ""
+    conf = os.path.join(tmp, f"{name}.conf")
+    with open(conf, "w") as f:
+        f.write(f"""worker_processes 1; daemon off; master_process on;
+pid {tmp}/{name}.pid; error_log {tmp}/{name}.err warn;
+events {{ worker_connections 20000; }}
+http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 300s;
+  client_body_temp_path {tmp}/{name}-body; proxy_temp_path {tmp}/{name}-proxy;
+  {upstream}
+  server {{ listen 127.0.0.1:{port} backlog=4096; {body} }} }}
+""")
+    return conf
+
+
+def haproxy_conf(tmp, name, port, target):
+    conf = os.path.join(tmp, f"{name}.cfg")
+    with open(conf, "w") as f:
+        f.write(f"""global
+  nbthread 1
+  maxconn 8000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend f
+  bind 127.0.0.1:{port}
+  default_backend b
+backend b
+  server s1 127.0.0.1:{target}
+""")
+    return conf
+
+
+def mesh_yaml(tmp, name, endpoint):
+    path = os.path.join(tmp, f"{name}.yaml")
+    with open(path, "w") as f:
+        f.write(f"""apiVersion: sidemesh.io/v1
+kind: Mesh
+services:
+  - name: client
+    ports: [{{port: 1}}]
+  - name: backend
+    ports: [{{port: 80}}]
+    endpoints: ["127.0.0.1:{endpoint}"]
+""")
+    return path
+
+
+def proxy_args(config, service, extra):
+    return [os.path.join(REL, "sidemesh-proxy"), "--config", config, "--service", service,
+            "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--log-format", "text"] + extra
+
+
+def start_topology(kind, procs, tmp, backend_port):
+    """Returns (url port, pids whose CPU is the topology's cost, pids for memory)."""
+    if kind == "direct":
+        return backend_port, [], []
+    if kind == "sidemesh-1":
+        front = free_port()
+        p = procs.start(proxy_args(mesh_yaml(tmp, "one", backend_port), "client",
+                                   ["--upstream", f"backend=127.0.0.1:{front}"]), name="proxy-a")
+        wait_port(front)
+        return front, [p.pid], [p.pid]
+    if kind == "sidemesh-2":
+        front, inbound = free_port(), free_port()
+        b = procs.start(proxy_args(mesh_yaml(tmp, "two", inbound), "backend",
+                                   ["--inbound", f"127.0.0.1:{inbound}", "--app", f"127.0.0.1:{backend_port}"]),
+                        name="proxy-b")
+        a = procs.start(proxy_args(mesh_yaml(tmp, "two", inbound), "client",
+                                   ["--upstream", f"backend=127.0.0.1:{front}"]), name="proxy-a")
+        wait_port(inbound)
+        wait_port(front)
+        return front, [a.pid, b.pid], [a.pid, b.pid]
+    if kind == "nginx-2":
+        front, middle = free_port(), free_port()
+        nb = procs.start(["nginx", "-c", nginx_conf(tmp, "ngx-b", middle, backend_port), "-p", tmp], name="ngx-b")
+        na = procs.start(["nginx", "-c", nginx_conf(tmp, "ngx-a", front, middle), "-p", tmp], name="ngx-a")
+        wait_port(middle)
+        wait_port(front)
+        pids = [na.pid, nb.pid] + children(na.pid) + children(nb.pid)
+        return front, pids, pids
+    if kind == "haproxy-2":
+        front, middle = free_port(), free_port()
+        hb = procs.start(["haproxy", "-db", "-f", haproxy_conf(tmp, "hap-b", middle, backend_port)], name="hap-b")
+        ha = procs.start(["haproxy", "-db", "-f", haproxy_conf(tmp, "hap-a", front, middle)], name="hap-a")
+        wait_port(middle)
+        wait_port(front)
+        return front, [ha.pid, hb.pid], [ha.pid, hb.pid]
+    raise ValueError(kind)
+
+
+def wrk(port, seconds, connections):
+    out = subprocess.run(["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
+                          f"http://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return rps, total, int(errors.group(1)) if errors else 0
+
+
+def latency(port, rate, seconds):
+    out = subprocess.run(["taskset", "-c", LOAD_CORE, os.path.join(REL, "bench-latency"), "--url",
+                          f"http://127.0.0.1:{port}/", "--rate", str(rate), "--duration", f"{seconds}s"],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def h2load(port, requests, body_file):
+    out = subprocess.run(["taskset", "-c", LOAD_CORE, "h2load", "-n", str(requests), "-c", "4", "-m", "16",
+                          "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", body_file,
+                          f"http://127.0.0.1:{port}/demo.users.v1.UserService/GetUser"],
+                         capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
+    ok = int(re.search(r"(\d+) succeeded", out).group(1))
+    return rps, ok
+
+
+def idle_connections(tmp, backend_port, count):
+    """RSS growth of one proxy holding `count` idle keep-alive client connections."""
+    procs = Procs(tmp)
+    try:
+        front = free_port()
+        p = procs.start(proxy_args(mesh_yaml(tmp, "idle", backend_port), "client",
+                                   ["--upstream", f"backend=127.0.0.1:{front}", "--detect", "120s", "--header", "120s"]),
+                        name="proxy-idle")
+        wait_port(front)
+        req = b"GET / HTTP/1.1\r\nhost: backend\r\n\r\n"
+        for _ in range(50):  # warm the pool and allocator
+            with socket.create_connection(("127.0.0.1", front)) as s:
+                s.sendall(req)
+                s.recv(4096)
+        time.sleep(0.5)
+        before = rss_kib(p.pid)
+        raise_nofile()
+        socks = []
+        for _ in range(count):
+            s = socket.create_connection(("127.0.0.1", front))
+            s.sendall(req)
+            s.recv(4096)
+            socks.append(s)
+        time.sleep(1.0)
+        after = rss_kib(p.pid)
+        for s in socks:
+            s.close()
+        return before, after
+    finally:
+        procs.stop()
+
+
+def fmt_spread(values, fmt="{:.0f}"):
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=8)
+    ap.add_argument("--connections", type=int, default=32)
+    ap.add_argument("--rate", type=int, default=1000)
+    ap.add_argument("--idle", type=int, default=10000)
+    ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
+    args = ap.parse_args()
+    if (os.cpu_count() or 1) < 2:
+        sys.exit("needs at least 2 cores: one for the load generator, one for the servers")
+
+    tmp = tempfile.mkdtemp(prefix="sidemesh-bench-")
+    http_kinds = ["direct", "sidemesh-1", "sidemesh-2", "nginx-2", "haproxy-2"]
+    grpc_kinds = ["direct", "sidemesh-1", "sidemesh-2"]
+    results = {k: {"rps": [], "cpu_us": [], "p50": [], "p99": [], "p999": [], "rss_idle": [], "rss_load": []}
+               for k in http_kinds}
+    grpc = {k: {"rps": [], "cpu_us": []} for k in grpc_kinds}
+    body_file = os.path.join(tmp, "getuser.bin")
+    with open(body_file, "wb") as f:
+        f.write(bytes([0, 0, 0, 0, 2, 0x08, 0x01]))  # gRPC frame: GetUserRequest{id: 1}
+
+    backend = Procs(tmp)
+    backend_port = free_port()
+    backend.start(["nginx", "-c", nginx_conf(tmp, "backend", backend_port), "-p", tmp], name="backend")
+    grpc_port = free_port()
+    backend.start([os.path.join(REL, "user-service"), "--listen", f"127.0.0.1:{grpc_port}", "--log-format", "text"],
+                  name="user-service")
+    wait_port(backend_port)
+    wait_port(grpc_port)
+    try:
+        for rnd in range(1, args.rounds + 1):
+            for kind in http_kinds:
+                procs = Procs(tmp)
+                try:
+                    port, cpu_pids, mem_pids = start_topology(kind, procs, tmp, backend_port)
+                    wrk(port, 1, args.connections)  # warm-up
+                    idle = sum(rss_kib(p) for p in mem_pids)
+                    cpu0 = cpu_seconds(cpu_pids)
+                    rps, total, errors = wrk(port, args.seconds, args.connections)
+                    cpu = cpu_seconds(cpu_pids) - cpu0
+                    load_rss = sum(rss_kib(p, "VmHWM") for p in mem_pids)
+                    if errors:
+                        raise RuntimeError(f"{kind}: {errors} failed requests under load")
+                    lat = latency(port, args.rate, args.seconds)
+                    if lat["errors"]:
+                        raise RuntimeError(f"{kind}: {lat['errors']} failed requests at {args.rate} req/s")
+                    r = results[kind]
+                    r["rps"].append(rps)
+                    r["cpu_us"].append(cpu / total * 1e6 if cpu_pids else 0.0)
+                    r["p50"].append(lat["p50_us"])
+                    r["p99"].append(lat["p99_us"])
+                    r["p999"].append(lat["p999_us"])
+                    r["rss_idle"].append(idle / 1024)
+                    r["rss_load"].append(load_rss / 1024)
+                    print(f"round {rnd} {kind:11} {rps:9.0f} req/s  cpu {r['cpu_us'][-1]:6.1f} us/req  "
+                          f"p50 {lat['p50_us']} us  p99 {lat['p99_us']} us", flush=True)
+                finally:
+                    procs.stop()
+            for kind in grpc_kinds:
+                procs = Procs(tmp)
+                try:
+                    port, cpu_pids, _ = start_topology(kind, procs, tmp, grpc_port)
+                    h2load(port, 2000, body_file)
+                    cpu0 = cpu_seconds(cpu_pids)
+                    rps, ok = h2load(port, 40000, body_file)
+                    cpu = cpu_seconds(cpu_pids) - cpu0
+                    grpc[kind]["rps"].append(rps)
+                    grpc[kind]["cpu_us"].append(cpu / ok * 1e6 if cpu_pids else 0.0)
+                    print(f"round {rnd} grpc {kind:11} {rps:9.0f} req/s  cpu {grpc[kind]['cpu_us'][-1]:6.1f} us/req",
+                          flush=True)
+                finally:
+                    procs.stop()
+        idle_before, idle_after = idle_connections(tmp, backend_port, args.idle)
+    finally:
+        backend.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    write_report(args, results, grpc, idle_before, idle_after)
+
+
+def write_report(args, results, grpc, idle_before, idle_after):
+    direct = results["direct"]
+    rounds = args.rounds
+    lines = []
+    w = lines.append
+    w("# Benchmarks")
+    w("")
+    w("Produced by `bench/run.sh` (" + " ".join(f"--{k} {v}" for k, v in
+      [("rounds", args.rounds), ("seconds", args.seconds), ("connections", args.connections),
+       ("rate", args.rate), ("idle", args.idle)]) + f") on {time.strftime('%Y-%m-%d')}, "
+      f"{os.cpu_count()} cores. Re-run it to reproduce; figures move with the machine, ratios much less.")
+    w("")
+    w("Setup: the same nginx backend (`return 200`) behind every topology. Load generator on core 0, "
+      "every server process (backend and proxies) on core 1; one worker thread or process per proxy. "
+      f"Each figure is the median of {rounds} interleaved rounds, with the spread (min-max) in brackets. "
+      "CPU is the proxies' own CPU time per request (both proxies of a pair), from /proc.")
+    w("")
+    w("## HTTP/1.1")
+    w("")
+    w(f"Throughput: `wrk -t1 -c{args.connections} -d{args.seconds}s`. Latency: `bench-latency --rate {args.rate}` "
+      "(open loop, measured from each request's scheduled time).")
+    w("")
+    w("| topology | req/s | vs direct | CPU us/req | cores at 1000 req/s | p50 us | p99 us | p99.9 us | added p50 us | added p99 us | RSS idle MiB | RSS peak MiB |")
+    w("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for kind, r in results.items():
+        ratio = [a / b for a, b in zip(r["rps"], direct["rps"])]
+        added50 = [a - b for a, b in zip(r["p50"], direct["p50"])]
+        added99 = [a - b for a, b in zip(r["p99"], direct["p99"])]
+        cores = [c * 1000 / 1e6 for c in r["cpu_us"]]
+        w(f"| {kind} | {fmt_spread(r['rps'])} | {fmt_spread(ratio, '{:.2f}')} | "
+          f"{fmt_spread(r['cpu_us'], '{:.1f}') if kind != 'direct' else '-'} | "
+          f"{fmt_spread(cores, '{:.3f}') if kind != 'direct' else '-'} | "
+          f"{fmt_spread(r['p50'])} | {fmt_spread(r['p99'])} | {fmt_spread(r['p999'])} | "
+          f"{fmt_spread(added50) if kind != 'direct' else '-'} | {fmt_spread(added99) if kind != 'direct' else '-'} | "
+          f"{fmt_spread(r['rss_idle'], '{:.1f}') if kind != 'direct' else '-'} | "
+          f"{fmt_spread(r['rss_load'], '{:.1f}') if kind != 'direct' else '-'} |")
+    w("")
+    sm, ng, hp = results["sidemesh-2"], results["nginx-2"], results["haproxy-2"]
+    cpu_vs_nginx = [a / b for a, b in zip(sm["cpu_us"], ng["cpu_us"])]
+    cpu_vs_haproxy = [a / b for a, b in zip(sm["cpu_us"], hp["cpu_us"])]
+    w("Headline, two-proxy hop (plaintext): Sidemesh uses "
+      f"**{statistics.median(cpu_vs_nginx):.2f}x** the CPU per request of the nginx pair "
+      f"(spread {min(cpu_vs_nginx):.2f}-{max(cpu_vs_nginx):.2f}) and "
+      f"**{statistics.median(cpu_vs_haproxy):.2f}x** that of the HAProxy pair "
+      f"(spread {min(cpu_vs_haproxy):.2f}-{max(cpu_vs_haproxy):.2f}); it adds "
+      f"**{statistics.median([a - b for a, b in zip(sm['p50'], direct['p50'])]):.0f} us** at the median and "
+      f"**{statistics.median([a - b for a, b in zip(sm['p99'], direct['p99'])]):.0f} us** at p99 over a direct call "
+      f"at {args.rate} req/s, with {statistics.median(sm['rss_load']) / 2:.1f} MiB peak RSS per proxy.")
+    w("")
+    w("## gRPC")
+    w("")
+    w("`h2load -n 40000 -c 4 -m 16` of `demo.users.v1.UserService/GetUser` against the demo user-service.")
+    w("")
+    w("| topology | req/s | vs direct | CPU us/req |")
+    w("|---|---|---|---|")
+    for kind, r in grpc.items():
+        ratio = [a / b for a, b in zip(r["rps"], grpc["direct"]["rps"])]
+        w(f"| {kind} | {fmt_spread(r['rps'])} | {fmt_spread(ratio, '{:.2f}')} | "
+          f"{fmt_spread(r['cpu_us'], '{:.1f}') if kind != 'direct' else '-'} |")
+    w("")
+    w("## Idle connections")
+    w("")
+    per_conn = (idle_after - idle_before) / args.idle
+    w(f"One proxy holding {args.idle} idle keep-alive client connections (each made one request): RSS "
+      f"{idle_before / 1024:.1f} MiB before, {idle_after / 1024:.1f} MiB after, about **{per_conn:.1f} KiB per idle "
+      "connection** (hyper's per-connection read and write buffers and the connection task). Connections are capped "
+      "per listener by `--max-connections` (default 20000), so memory stays bounded.")
+    w("")
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

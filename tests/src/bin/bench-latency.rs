@@ -1,0 +1,153 @@
+//! bench-latency: latency at a fixed request rate, for `bench/run.sh`.
+//!
+//! Open loop: request i is due at `start + i / rate` and its latency is measured from that
+//! moment, not from when it was actually sent, so a stall shows up in the tail instead of
+//! quietly lowering the rate (no coordinated omission). Prints one JSON line.
+//!
+//! The load runs on a current-thread runtime plus one scheduling thread: pin the process
+//! to one core (`taskset -c 0`), as `bench/run.py` does, and the scheduler spins briefly.
+//!
+//! `bench-latency --url http://127.0.0.1:8080/ --rate 1000 --duration 10s [--connections 16] [--h2]`
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+struct Args {
+    url: String,
+    rate: f64,
+    duration: Duration,
+    connections: usize,
+    h2: bool,
+}
+
+fn parse() -> Result<Args, String> {
+    let mut args = Args {
+        url: String::new(),
+        rate: 1000.0,
+        duration: Duration::from_secs(10),
+        connections: 16,
+        h2: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().ok_or(format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--url" => args.url = value()?,
+            "--rate" => args.rate = value()?.parse().map_err(|e| format!("--rate: {e}"))?,
+            "--duration" => {
+                args.duration = value()?
+                    .parse::<sidemesh_config::units::Duration>()
+                    .map_err(|e| format!("--duration: {e}"))?
+                    .get()
+            }
+            "--connections" => {
+                args.connections = value()?
+                    .parse()
+                    .map_err(|e| format!("--connections: {e}"))?
+            }
+            "--h2" => args.h2 = true,
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    if args.url.is_empty() {
+        return Err("--url is required".into());
+    }
+    Ok(args)
+}
+
+fn percentile(sorted: &[u64], q: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((sorted.len() as f64) * q).ceil() as usize;
+    sorted[rank.saturating_sub(1).min(sorted.len() - 1)]
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args = match parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("bench-latency: {e}");
+            std::process::exit(2);
+        }
+    };
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(args.connections)
+        .http2_only(args.h2)
+        .build_http();
+    let uri: http::Uri = match args.url.parse() {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("bench-latency: invalid --url: {e}");
+            std::process::exit(2);
+        }
+    };
+    // Warm the pool so connection set-up is not measured.
+    for _ in 0..args.connections {
+        if let Ok(resp) = client.get(uri.clone()).await {
+            let _ = resp.into_body().collect().await;
+        }
+    }
+    let total = (args.rate * args.duration.as_secs_f64()).round() as u64;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<u64>>();
+    // Tokio's timer has millisecond resolution; a thread sleeping precisely (and spinning for
+    // the last 200 us) releases each request on time.
+    let (due_tx, mut due_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let start = Instant::now() + Duration::from_millis(10);
+    let rate = args.rate;
+    std::thread::spawn(move || {
+        for i in 0..total {
+            let due = start + Duration::from_secs_f64(i as f64 / rate);
+            let now = Instant::now();
+            if due > now + Duration::from_micros(200) {
+                std::thread::sleep(due - now - Duration::from_micros(200));
+            }
+            while Instant::now() < due {
+                std::hint::spin_loop();
+            }
+            if due_tx.send(due).is_err() {
+                return;
+            }
+        }
+    });
+    while let Some(due) = due_rx.recv().await {
+        let (client, uri, tx) = (client.clone(), uri.clone(), tx.clone());
+        tokio::spawn(async move {
+            let ok = match client.get(uri).await {
+                Ok(resp) => resp.status().is_success() && resp.into_body().collect().await.is_ok(),
+                Err(_) => false,
+            };
+            let _ = tx.send(ok.then(|| due.elapsed().as_micros() as u64));
+        });
+    }
+    drop(tx);
+    let mut latencies = Vec::with_capacity(total as usize);
+    let mut errors = 0u64;
+    while let Some(result) = rx.recv().await {
+        match result {
+            Some(us) => latencies.push(us),
+            None => errors += 1,
+        }
+    }
+    latencies.sort_unstable();
+    let achieved = total as f64 / start.elapsed().as_secs_f64().max(1e-9);
+    println!(
+        "{}",
+        serde_json::json!({
+            "sent": total,
+            "ok": latencies.len(),
+            "errors": errors,
+            "rate": args.rate,
+            "achieved_rate": (achieved * 10.0).round() / 10.0,
+            "p50_us": percentile(&latencies, 0.50),
+            "p99_us": percentile(&latencies, 0.99),
+            "p999_us": percentile(&latencies, 0.999),
+            "max_us": latencies.last().copied().unwrap_or(0),
+        })
+    );
+}
