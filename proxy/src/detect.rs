@@ -99,8 +99,9 @@ pub async fn sniff(
 }
 
 async fn read_more(io: &mut TcpStream, buf: &mut BytesMut, max: usize) -> std::io::Result<usize> {
+    // Most request heads are a few hundred bytes: start small, grow only for big ones.
     let room = max.saturating_sub(buf.len()).clamp(1, 8192);
-    buf.reserve(room);
+    buf.reserve(room.min(buf.capacity().max(1024)));
     let mut limited = (&mut *io).take(room as u64);
     limited.read_buf(buf).await
 }

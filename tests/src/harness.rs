@@ -84,7 +84,22 @@ impl Proc {
     /// Starts `name` and waits (10 s at most) for a log line whose message is `ready_message`,
     /// collecting every `listening` line before it.
     pub fn start_until(name: &str, args: &[&str], ready_message: &str) -> Proc {
-        let mut child = Command::new(bin(name))
+        Self::start_wrapped(name, &[], args, ready_message)
+    }
+
+    /// Like `start_until`, with the binary run through `wrapper` (e.g. `ip netns exec <ns>`,
+    /// `setpriv --reuid 2102 ...`).
+    pub fn start_wrapped(name: &str, wrapper: &[&str], args: &[&str], ready_message: &str) -> Proc {
+        let binary = bin(name);
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(&binary);
+                c
+            }
+            None => Command::new(&binary),
+        };
+        let mut child = command
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

@@ -11,6 +11,9 @@
 
 use std::time::{Duration, Instant};
 
+/// Spin this long before each due time; the kernel's default timer slack is 50 us.
+const SPIN: Duration = Duration::from_micros(60);
+
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -96,7 +99,7 @@ async fn main() {
     let total = (args.rate * args.duration.as_secs_f64()).round() as u64;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<u64>>();
     // Tokio's timer has millisecond resolution; a thread sleeping precisely (and spinning for
-    // the last 200 us) releases each request on time.
+    // the last 60 us, the kernel's default timer slack) releases each request on time.
     let (due_tx, mut due_rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
     let start = Instant::now() + Duration::from_millis(10);
     let rate = args.rate;
@@ -104,8 +107,8 @@ async fn main() {
         for i in 0..total {
             let due = start + Duration::from_secs_f64(i as f64 / rate);
             let now = Instant::now();
-            if due > now + Duration::from_micros(200) {
-                std::thread::sleep(due - now - Duration::from_micros(200));
+            if due > now + SPIN {
+                std::thread::sleep(due - now - SPIN);
             }
             while Instant::now() < due {
                 std::hint::spin_loop();

@@ -1,0 +1,208 @@
+//! Transparent interception: iptables REDIRECTs an application's outgoing connections to the
+//! proxy, which reads the original destination (SO_ORIGINAL_DST). Runs in a network namespace
+//! of its own; needs root (CI runs as root) and skips with a printed reason otherwise.
+
+use std::process::Command;
+use std::time::Duration;
+
+use sidemesh_tests::{Proc, skip};
+
+const PROXY_UID: &str = "2102";
+const ADDR: &str = "10.99.0.1";
+
+/// A network namespace removed on drop.
+struct Netns(String);
+
+impl Netns {
+    fn create() -> Netns {
+        let name = format!("sm-transparent-{}", std::process::id());
+        run(&["ip", "netns", "add", &name]);
+        let ns = Netns(name);
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        // A non-loopback address for the services (on `lo`: no dummy or veth device needed).
+        ns.exec(&["ip", "addr", "add", &format!("{ADDR}/32"), "dev", "lo"]);
+        ns
+    }
+
+    fn exec(&self, cmd: &[&str]) -> String {
+        let mut full = vec!["ip", "netns", "exec", &self.0];
+        full.extend_from_slice(cmd);
+        run(&full)
+    }
+
+    fn wrapper(&self) -> Vec<&str> {
+        vec!["ip", "netns", "exec", &self.0]
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .status();
+    }
+}
+
+fn run(cmd: &[&str]) -> String {
+    let out = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn can_run() -> Result<(), String> {
+    let uid = run(&["id", "-u"]);
+    if uid.trim() != "0" {
+        return Err("needs root for network namespaces and iptables".into());
+    }
+    for tool in ["ip", "iptables", "setpriv", "curl"] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .map(|o| !o.status.success())
+            .unwrap_or(true)
+        {
+            return Err(format!("`{tool}` is not installed"));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn redirected_connections_are_routed_or_passed_through_to_their_original_destination() {
+    if let Err(why) = can_run() {
+        skip(&format!("transparent interception test: {why}"));
+        return;
+    }
+    let ns = Netns::create();
+    let mut netns = ns.wrapper();
+
+    // Two real servers in the namespace: the mesh's user-service, and a server the mesh does
+    // not know (the original destination of pass-through traffic).
+    let _users = Proc::start_wrapped(
+        "user-service",
+        &netns,
+        &["--listen", &format!("{ADDR}:8081")],
+        "listening",
+    );
+    let _outside = Proc::start_wrapped(
+        "order-service",
+        &netns,
+        &["--listen", &format!("{ADDR}:9090")],
+        "listening",
+    );
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("mesh.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "apiVersion: sidemesh.io/v1\nkind: Mesh\nservices:\n  - name: client\n    ports: [{{port: 1}}]\n  - name: user-service\n    ports: [{{port: 8081}}]\n    endpoints: [\"{ADDR}:8081\"]\n"
+        ),
+    )
+    .expect("write config");
+    // World-readable so the proxy's own uid can read it.
+    run(&["chmod", "-R", "a+rX", dir.path().to_str().expect("path")]);
+
+    // The proxy runs as its own uid so its connections are not redirected back to itself.
+    netns.extend_from_slice(&[
+        "setpriv",
+        "--reuid",
+        PROXY_UID,
+        "--regid",
+        PROXY_UID,
+        "--clear-groups",
+    ]);
+    let _proxy = Proc::start_wrapped(
+        "sidemesh-proxy",
+        &netns,
+        &[
+            "--config",
+            config.to_str().expect("path"),
+            "--service",
+            "client",
+            "--mode",
+            "transparent",
+            "--outbound",
+            "0.0.0.0:15001",
+            "--inbound",
+            "127.0.0.1:15006",
+            "--admin",
+            "127.0.0.1:15020",
+        ],
+        "ready",
+    );
+    ns.exec(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        ADDR,
+        "-m",
+        "owner",
+        "!",
+        "--uid-owner",
+        PROXY_UID,
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "15001",
+    ]);
+
+    // Not a mesh host: passed through to the original destination, order-service on :9090.
+    let passthrough = ns.exec(&[
+        "curl",
+        "-s",
+        "-m",
+        "5",
+        &format!("http://{ADDR}:9090/orders"),
+    ]);
+    assert_eq!(
+        passthrough.trim(),
+        "[]",
+        "order-service's empty order list, reached through the proxy"
+    );
+
+    // A mesh host: routed by the proxy to user-service, whatever address the client dialled.
+    let routed = ns.exec(&[
+        "curl",
+        "-s",
+        "-m",
+        "5",
+        "-H",
+        "Host: user-service",
+        &format!("http://{ADDR}:9090/users/1"),
+    ]);
+    assert!(
+        routed.contains("Ada Lovelace"),
+        "the request went to user-service: {routed}"
+    );
+
+    let metrics = ns.exec(&["curl", "-s", "-m", "5", "http://127.0.0.1:15020/metrics"]);
+    assert!(
+        metrics.contains("sidemesh_requests_total{direction=\"outbound\",service=\"user-service\",route=\"default\",status_class=\"2xx\"} 1"),
+        "the routed request is counted:\n{metrics}"
+    );
+    let counters = ns.exec(&["iptables", "-t", "nat", "-L", "OUTPUT", "-v", "-n", "-x"]);
+    let redirected: u64 = counters
+        .lines()
+        .find(|l| l.contains("REDIRECT"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        redirected >= 2,
+        "iptables counted {redirected} redirected connections:\n{counters}"
+    );
+    std::thread::sleep(Duration::from_millis(10));
+}
