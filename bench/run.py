@@ -204,6 +204,19 @@ def start_topology(kind, procs, tmp, backend_port):
     raise ValueError(kind)
 
 
+def start_with_retry(kind, procs, tmp, backend_port, attempts=3):
+    """A free port can be taken between picking and binding it (ephemeral ports of live
+    connections); start again on fresh ports rather than lose the run."""
+    for attempt in range(attempts):
+        try:
+            return start_topology(kind, procs, tmp, backend_port)
+        except RuntimeError as e:
+            procs.stop()
+            if attempt == attempts - 1:
+                raise
+            print(f"  {kind}: {e}; retrying on fresh ports", flush=True)
+
+
 def wrk(port, seconds, connections):
     out = subprocess.run(["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
                           f"http://127.0.0.1:{port}/"], capture_output=True, text=True, check=True).stdout
@@ -301,7 +314,7 @@ def main():
             for kind in http_kinds:
                 procs = Procs(tmp)
                 try:
-                    port, cpu_pids, mem_pids = start_topology(kind, procs, tmp, backend_port)
+                    port, cpu_pids, mem_pids = start_with_retry(kind, procs, tmp, backend_port)
                     wrk(port, 1, args.connections)  # warm-up
                     idle = sum(rss_kib(p) for p in mem_pids)
                     cpu0 = cpu_seconds(cpu_pids)
@@ -328,7 +341,7 @@ def main():
             for kind in grpc_kinds:
                 procs = Procs(tmp)
                 try:
-                    port, cpu_pids, _ = start_topology(kind, procs, tmp, grpc_port)
+                    port, cpu_pids, _ = start_with_retry(kind, procs, tmp, grpc_port)
                     h2load(port, 2000, body_file)
                     cpu0 = cpu_seconds(cpu_pids)
                     rps, ok = h2load(port, 40000, body_file)

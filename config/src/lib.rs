@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 
 pub use error::{Diagnostic, Diagnostics, LoadError};
 pub use model::*;
-pub use validate::{DEFAULT_NAMESPACE, DEFAULT_TRUST_DOMAIN, Source, validate};
+pub use validate::{DEFAULT_NAMESPACE, DEFAULT_TRUST_DOMAIN, Source, validate, validate_with_spec};
 
 /// Reads the YAML sources of a mesh: `path` is one file, or a folder whose `*.yaml` / `*.yml`
 /// files (not recursing, hidden entries skipped) are read in name order.

@@ -56,6 +56,13 @@ struct Document<'a> {
 
 /// Parses and validates a mesh made of `sources`. On failure, every problem found is returned.
 pub fn validate(sources: &[Source]) -> Result<Mesh, Diagnostics> {
+    validate_with_spec(sources).map(|(mesh, _)| mesh)
+}
+
+/// Like `validate`, and also returns the documents merged into one `MeshDocument` (mesh
+/// settings from the one document that has them, services and routes in file order), which
+/// the control plane filters per proxy and serialises back to YAML.
+pub fn validate_with_spec(sources: &[Source]) -> Result<(Mesh, MeshDocument), Diagnostics> {
     let mut checker = Checker::default();
     let mut documents = Vec::new();
     for source in sources {
@@ -63,7 +70,19 @@ pub fn validate(sources: &[Source]) -> Result<Mesh, Diagnostics> {
     }
     let mesh = checker.check(&documents);
     if checker.diagnostics.is_empty() {
-        Ok(mesh)
+        let mut merged = MeshDocument {
+            api_version: ApiVersion::V1,
+            kind: Kind::Mesh,
+            mesh: None,
+            services: Vec::new(),
+            routes: Vec::new(),
+        };
+        for doc in documents {
+            merged.mesh = merged.mesh.or(doc.spec.mesh);
+            merged.services.extend(doc.spec.services);
+            merged.routes.extend(doc.spec.routes);
+        }
+        Ok((mesh, merged))
     } else {
         let order: HashMap<&Path, usize> = sources
             .iter()

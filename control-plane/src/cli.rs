@@ -22,6 +22,19 @@ pub enum Command {
         /// A YAML file, or a folder whose *.yaml / *.yml files form one mesh.
         path: PathBuf,
     },
+    /// Show every proxy, the config in force, refused changes and push convergence.
+    Status {
+        /// The control plane's admin address.
+        #[arg(
+            long,
+            env = "SIDEMESH_CONTROL_PLANE_ADMIN",
+            default_value = "http://127.0.0.1:15014"
+        )]
+        control_plane: String,
+        /// Print the raw JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the whole demo mesh on this machine (no Kubernetes, no containers).
     Up(crate::up::UpArgs),
     /// Print the JSON Schema of the routing language (or its field reference as Markdown).
@@ -36,6 +49,31 @@ pub enum Command {
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Validate { path } => validate(&path),
+        Command::Status {
+            control_plane,
+            json,
+        } => {
+            let fetched = tokio::runtime::Runtime::new()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(crate::status::fetch(&control_plane)));
+            match fetched {
+                Ok(status) if json => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&status).unwrap_or_default()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(status) => {
+                    print!("{}", crate::status::render(&status));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Up(args) => match tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(crate::up::run(args)))

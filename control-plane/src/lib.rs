@@ -1,11 +1,28 @@
 //! `sidemesh-control-plane`: the control plane and the `sidemesh` operator CLI.
 //!
-//! - `cli`: the `sidemesh` subcommands (`validate`, `schema`, `up`).
+//! - `cli`: the `sidemesh` subcommands (`validate`, `schema`, `status`, `up`).
+//! - `server`: the control-plane process (gRPC for proxies, admin HTTP).
+//! - `store`: watches, validates and versions the routing YAML.
+//! - `registry`: connected proxies, their ACKs and NACKs, their endpoints.
+//! - `view`: each proxy's slice of the mesh, as YAML.
+//! - `hub`: revisions (config + endpoints) that proxy streams watch.
+//! - `discovery`: the gRPC stream with each proxy.
+//! - `status`: `sidemesh status`.
+//! - `admin`, `metrics`: `/status`, `/metrics`, `/debug/config`.
 //! - `up`: `sidemesh up`, the demo on one machine.
 //! - `summary`: one-line descriptions of a validated mesh for operators.
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod cli;
+pub mod discovery;
+pub mod hub;
+pub mod metrics;
+pub mod registry;
+pub mod server;
+pub mod status;
+pub mod store;
 pub mod summary;
 pub mod up;
+pub mod view;

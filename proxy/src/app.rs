@@ -15,7 +15,7 @@ use crate::config::{Args, Limits, Mode, Timeouts};
 use crate::endpoint::{PoolConfig, Registry};
 use crate::metrics::Metrics;
 use crate::snapshot::{CompileError, Snapshot};
-use crate::{admin, drain, reload};
+use crate::{admin, control, drain, reload};
 
 /// State shared by every connection and request.
 #[derive(Debug)]
@@ -29,7 +29,10 @@ pub struct Proxy {
     pub snapshot: ArcSwap<Snapshot>,
     pub registry: Registry,
     pub metrics: Metrics,
+    /// Listeners are up.
     pub ready: AtomicBool,
+    /// A config (static file, pushed, or stored) is in force.
+    pub config_applied: AtomicBool,
 }
 
 /// Why a proxy could not start.
@@ -52,11 +55,19 @@ pub enum StartError {
 }
 
 /// A proxy with its listeners bound, ready to `run`.
+/// Where the routing config comes from.
+#[derive(Debug)]
+enum ConfigSource {
+    /// A file or folder, polled for changes.
+    Static { path: PathBuf, fingerprint: u64 },
+    /// Pushed by the control plane; `String` is the hash of the view in force (if any).
+    ControlPlane(control::Identity, String),
+}
+
 #[derive(Debug)]
 pub struct App {
     proxy: Arc<Proxy>,
-    config_path: PathBuf,
-    fingerprint: u64,
+    source: ConfigSource,
     listeners: Vec<(ListenerKind, TcpListener)>,
     admin: TcpListener,
     pub addrs: Addrs,
@@ -81,23 +92,86 @@ async fn bind(listener: &str, addr: SocketAddr) -> Result<TcpListener, StartErro
         })
 }
 
+/// `name.namespace` or `name` (with `--namespace`) as a service id.
+fn local_service(args: &Args) -> sidemesh_config::ServiceId {
+    match args.service.split_once('.') {
+        Some((name, ns)) => sidemesh_config::ServiceId {
+            name: name.to_string(),
+            namespace: ns.to_string(),
+        },
+        None => sidemesh_config::ServiceId {
+            name: args.service.clone(),
+            namespace: args.namespace.clone(),
+        },
+    }
+}
+
+fn proxy_id(args: &Args) -> String {
+    args.proxy_id.clone().unwrap_or_else(|| {
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|| "proxy".into());
+        format!("{host}-{}", std::process::id())
+    })
+}
+
 pub async fn build(args: Args) -> Result<App, StartError> {
-    let config_err = |source| StartError::Config {
-        path: args.config.clone(),
-        source,
-    };
-    let sources = sidemesh_config::read_sources(&args.config).map_err(config_err)?;
-    let mesh = sidemesh_config::validate(&sources).map_err(|d| config_err(d.into()))?;
     let registry = Registry::default();
     let metrics = Metrics::new();
-    let snapshot =
-        Snapshot::compile(mesh, 1, &args.service, &registry, &metrics).map_err(|source| {
-            StartError::Compile {
-                path: args.config.clone(),
+    let local = local_service(&args);
+    let (snapshot, source, applied) = match (&args.config, &args.control_plane) {
+        (Some(path), _) => {
+            let config_err = |source| StartError::Config {
+                path: path.clone(),
                 source,
-            }
-        })?;
-    metrics.reload(true, 1);
+            };
+            let sources = sidemesh_config::read_sources(path).map_err(config_err)?;
+            let mesh = sidemesh_config::validate(&sources).map_err(|d| config_err(d.into()))?;
+            let snapshot = Snapshot::compile(mesh, 1, &args.service, &registry, &metrics).map_err(
+                |source| StartError::Compile {
+                    path: path.clone(),
+                    source,
+                },
+            )?;
+            metrics.reload(true, 1);
+            let fingerprint = reload::fingerprint(&sources);
+            (
+                snapshot,
+                ConfigSource::Static {
+                    path: path.clone(),
+                    fingerprint,
+                },
+                true,
+            )
+        }
+        (None, Some(url)) => {
+            let stored = args
+                .state_dir
+                .as_deref()
+                .and_then(|dir| control::load_stored(dir, &args.service, &registry, &metrics));
+            let (snapshot, hash, applied) = match stored {
+                Some((snapshot, hash)) => (snapshot, hash, true),
+                None => (Snapshot::empty(local.clone()), String::new(), false),
+            };
+            let identity = control::Identity {
+                url: url.clone(),
+                proxy_id: proxy_id(&args),
+                service: local.name.clone(),
+                namespace: local.namespace.clone(),
+                address: args.advertise,
+                upstreams: args.upstreams.iter().map(|(s, _)| s.clone()).collect(),
+                state_dir: args.state_dir.clone(),
+            };
+            (
+                snapshot,
+                ConfigSource::ControlPlane(identity, hash),
+                applied,
+            )
+        }
+        (None, None) => unreachable!("clap requires --config or --control-plane"),
+    };
 
     let mut listeners = Vec::new();
     let outbound = bind("outbound", args.outbound).await?;
@@ -140,11 +214,18 @@ pub async fn build(args: Args) -> Result<App, StartError> {
         registry,
         metrics,
         ready: AtomicBool::new(false),
+        config_applied: AtomicBool::new(applied),
     });
+    let source = match source {
+        ConfigSource::ControlPlane(mut identity, hash) => {
+            identity.address = identity.address.or(inbound_addr);
+            ConfigSource::ControlPlane(identity, hash)
+        }
+        other => other,
+    };
     Ok(App {
         proxy,
-        fingerprint: reload::fingerprint(&sources),
-        config_path: args.config,
+        source,
         listeners,
         admin,
         addrs: Addrs {
@@ -181,12 +262,25 @@ impl App {
         tracing::info!(listener = "admin", addr = %self.addrs.admin, "listening");
         tokio::spawn(admin::serve(self.admin, self.proxy.clone(), drain.clone()));
         let proxy = self.proxy.clone();
-        let (path, fingerprint, watch_drain) =
-            (self.config_path.clone(), self.fingerprint, drain.clone());
-        tokio::spawn(async move { reload::watch(proxy, &path, fingerprint, watch_drain).await });
+        let source_drain = drain.clone();
+        match self.source {
+            ConfigSource::Static { path, fingerprint } => {
+                tokio::spawn(async move {
+                    reload::watch(proxy, &path, fingerprint, source_drain).await
+                });
+            }
+            ConfigSource::ControlPlane(identity, hash) => {
+                tokio::spawn(control::run(proxy, identity, hash, source_drain));
+            }
+        }
         drop(drain);
         self.proxy.ready.store(true, Ordering::Release);
-        tracing::info!(service = %self.proxy.service, version = self.proxy.snapshot.load().version, "ready");
+        tracing::info!(
+            service = %self.proxy.service,
+            version = self.proxy.snapshot.load().version,
+            config = self.proxy.config_applied.load(Ordering::Acquire),
+            "ready"
+        );
 
         shutdown.await;
         self.proxy.ready.store(false, Ordering::Release);

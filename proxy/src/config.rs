@@ -18,6 +18,11 @@ pub const ENV_APP_ADDR: &str = "SIDEMESH_APP_ADDR";
 pub const ENV_UPSTREAMS: &str = "SIDEMESH_UPSTREAMS";
 pub const ENV_LOG_FORMAT: &str = "SIDEMESH_LOG_FORMAT";
 pub const ENV_WORKER_THREADS: &str = "SIDEMESH_WORKER_THREADS";
+pub const ENV_CONTROL_PLANE: &str = "SIDEMESH_CONTROL_PLANE";
+pub const ENV_PROXY_ID: &str = "SIDEMESH_PROXY_ID";
+pub const ENV_NAMESPACE: &str = "SIDEMESH_NAMESPACE";
+pub const ENV_ADVERTISE: &str = "SIDEMESH_ADVERTISE_ADDR";
+pub const ENV_STATE_DIR: &str = "SIDEMESH_STATE_DIR";
 
 /// How traffic reaches the proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -32,10 +37,28 @@ pub enum Mode {
 /// Command-line flags of `sidemesh-proxy`.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "sidemesh-proxy", version, about = "The Sidemesh per-pod proxy")]
+#[command(group = clap::ArgGroup::new("source").required(true).args(["config", "control_plane"]))]
 pub struct Args {
-    /// Routing YAML (file or folder) to serve from, reloaded when it changes.
+    /// Static mode: routing YAML (file or folder) to serve from, reloaded when it changes.
     #[arg(long, env = ENV_CONFIG)]
-    pub config: PathBuf,
+    pub config: Option<PathBuf>,
+    /// The control plane's gRPC address, e.g. `http://127.0.0.1:15010`: config is pushed from there.
+    #[arg(long, env = ENV_CONTROL_PLANE)]
+    pub control_plane: Option<String>,
+    /// This proxy's id in `sidemesh status` (in Kubernetes, the pod name).
+    #[arg(long, env = ENV_PROXY_ID)]
+    pub proxy_id: Option<String>,
+    /// The workload's namespace, when `--service` does not say `name.namespace`.
+    #[arg(long, env = ENV_NAMESPACE, default_value = "default")]
+    pub namespace: String,
+    /// The address other proxies reach this one's inbound listener at (default: the inbound
+    /// listener's address). It is registered as an endpoint of this proxy's service.
+    #[arg(long, env = ENV_ADVERTISE)]
+    pub advertise: Option<SocketAddr>,
+    /// Where the last good pushed config is kept, so a restart without the control plane
+    /// still serves.
+    #[arg(long, env = ENV_STATE_DIR)]
+    pub state_dir: Option<PathBuf>,
     /// The service this proxy fronts (`name` or `name.namespace`), as named in the routing YAML.
     #[arg(long, env = ENV_SERVICE)]
     pub service: String,
@@ -176,7 +199,12 @@ impl Args {
     pub fn local(config: PathBuf, service: &str) -> Self {
         let any = SocketAddr::from(([127, 0, 0, 1], 0));
         Self {
-            config,
+            config: Some(config),
+            control_plane: None,
+            proxy_id: None,
+            namespace: "default".into(),
+            advertise: None,
+            state_dir: None,
             service: service.to_string(),
             mode: Mode::Explicit,
             outbound: any,

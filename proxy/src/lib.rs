@@ -13,7 +13,8 @@
 //! - `headers`, `body`, `rewind`: HTTP hygiene and IO helpers.
 //! - `respond`: errors to synthetic responses, in one place.
 //! - `metrics`, `admin`: Prometheus metrics and the admin server.
-//! - `reload`, `drain`: config reload and graceful shutdown.
+//! - `reload`, `control`: config from a file (static mode) or pushed by the control plane.
+//! - `drain`: graceful shutdown.
 
 #![forbid(unsafe_code)]
 
@@ -23,6 +24,7 @@ pub mod app;
 pub mod balance;
 pub mod body;
 pub mod config;
+pub mod control;
 pub mod detect;
 pub mod drain;
 pub mod endpoint;

@@ -54,6 +54,20 @@ pub enum CompileError {
 }
 
 impl Snapshot {
+    /// No services yet: what a proxy in control-plane mode serves (not ready) until its first
+    /// config arrives. Every request is refused as an unknown service.
+    pub fn empty(local: ServiceId) -> Self {
+        let mesh = sidemesh_config::parse_str("empty", "apiVersion: sidemesh.io/v1\nkind: Mesh\n")
+            .expect("an empty mesh document is valid");
+        Self {
+            version: 0,
+            mesh,
+            local,
+            services: HashMap::new(),
+            hosts: HashMap::new(),
+        }
+    }
+
     pub fn compile(
         mesh: Mesh,
         version: u64,

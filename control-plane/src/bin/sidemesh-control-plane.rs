@@ -1,36 +1,50 @@
-//! `sidemesh-control-plane`: serves routing config to the proxies.
-//!
-//! Today it checks the config folder it would serve and says so; the push API (watch,
-//! versioned snapshots, ACK/NACK) is the control-plane issue's work.
+//! `sidemesh-control-plane`: see `sidemesh-control-plane --help`.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use sidemesh_control_plane::server::{Args, build};
+use tracing_subscriber::EnvFilter;
 
-#[derive(Debug, Parser)]
-#[command(version, about = "The Sidemesh control plane")]
-struct Args {
-    /// Folder (or file) of routing YAML to serve.
-    #[arg(long, env = "SIDEMESH_CONFIG", default_value = "config/examples")]
-    config: PathBuf,
-}
-
-fn main() -> ExitCode {
+#[tokio::main]
+async fn main() -> ExitCode {
     let args = Args::parse();
-    match sidemesh_config::load(&args.config) {
-        Ok(mesh) => {
-            println!(
-                "config {}: ok: {}",
-                args.config.display(),
-                sidemesh_control_plane::summary::one_line(&mesh)
-            );
-            eprintln!("the config push API is not available in this build yet; nothing to serve");
-            ExitCode::from(2)
-        }
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if args.log_format == "text" {
+        logs.init();
+    } else {
+        logs.json().init();
+    }
+    let cp = match build(args).await {
+        Ok(cp) => cp,
         Err(e) => {
-            eprintln!("{e}");
+            eprintln!("sidemesh-control-plane: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match cp.run(shutdown()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sidemesh-control-plane: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+async fn shutdown() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
     }
 }

@@ -1,0 +1,141 @@
+//! The control plane process: config store, proxy streams (gRPC), admin server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sidemesh_api::v1::discovery_server::DiscoveryServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::admin;
+use crate::discovery::DiscoveryService;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+pub const ENV_CONFIG: &str = "SIDEMESH_CONFIG";
+pub const ENV_LISTEN: &str = "SIDEMESH_CP_LISTEN";
+pub const ENV_ADMIN: &str = "SIDEMESH_CP_ADMIN";
+
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "sidemesh-control-plane",
+    version,
+    about = "The Sidemesh control plane: pushes routing config to the proxies"
+)]
+pub struct Args {
+    /// Folder (or file) of routing YAML; in Kubernetes, the mounted ConfigMap.
+    #[arg(long, env = ENV_CONFIG, default_value = "config/examples")]
+    pub config: PathBuf,
+    /// gRPC address the proxies connect to.
+    #[arg(long, env = ENV_LISTEN, default_value = "127.0.0.1:15010")]
+    pub listen: SocketAddr,
+    /// Admin address: /ready, /metrics, /status, /debug/config.
+    #[arg(long, env = ENV_ADMIN, default_value = "127.0.0.1:15014")]
+    pub admin: SocketAddr,
+    /// How often the config folder is checked.
+    #[arg(long, value_parser = parse_duration, default_value = "100ms")]
+    pub poll: Duration,
+    /// A change is acted on once the files have been stable this long.
+    #[arg(long, value_parser = parse_duration, default_value = "100ms")]
+    pub debounce: Duration,
+    /// A disconnected proxy's endpoint stays this long (a blip must not empty a service).
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub disconnect_grace: Duration,
+    /// After a start, proxies that already hold a config are not pushed to for this long,
+    /// so every proxy can register again first (a restart must change nothing for traffic).
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub startup_grace: Duration,
+    /// Log format: json or text.
+    #[arg(long, default_value = "json")]
+    pub log_format: String,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    s.parse::<sidemesh_config::units::Duration>()
+        .map(|d| d.get())
+        .map_err(|e| e.to_string())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("failed to bind the {what} listener on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A control plane with its listeners bound.
+#[derive(Debug)]
+pub struct ControlPlane {
+    pub hub: Arc<Hub>,
+    pub grpc_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    grpc: TcpListener,
+    admin: TcpListener,
+    args: Args,
+}
+
+pub async fn build(args: Args) -> Result<ControlPlane, StartError> {
+    let metrics = Metrics::new();
+    let store = Store::open(&args.config, metrics.config_errors.clone());
+    let hub = Hub::new(store, metrics, args.startup_grace);
+    let bind = |what, addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { what, addr, source })
+    };
+    let grpc = bind("grpc", args.listen).await?;
+    let admin = bind("admin", args.admin).await?;
+    Ok(ControlPlane {
+        grpc_addr: grpc.local_addr().unwrap_or(args.listen),
+        admin_addr: admin.local_addr().unwrap_or(args.admin),
+        hub,
+        grpc,
+        admin,
+        args,
+    })
+}
+
+impl ControlPlane {
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), tonic::transport::Error> {
+        let (stop_tx, stop) = watch::channel(false);
+        tokio::spawn(self.hub.clone().store.clone().watch(
+            self.args.poll,
+            self.args.debounce,
+            stop.clone(),
+        ));
+        tokio::spawn(
+            self.hub
+                .clone()
+                .drive(self.args.disconnect_grace, stop.clone()),
+        );
+        tokio::spawn(admin::serve(self.admin, self.hub.clone(), stop.clone()));
+        tracing::info!(listener = "grpc", addr = %self.grpc_addr, "listening");
+        tracing::info!(listener = "admin", addr = %self.admin_addr, "listening");
+        match self.hub.store.current() {
+            Some(c) => tracing::info!(version = c.number, "ready"),
+            None => tracing::warn!(
+                "ready, but no valid config yet: nothing will be pushed until one appears"
+            ),
+        }
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(self.grpc);
+        let result = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+            .add_service(DiscoveryServer::new(DiscoveryService::new(
+                self.hub.clone(),
+            )))
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await;
+        let _ = stop_tx.send(true);
+        result
+    }
+}

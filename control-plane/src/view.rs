@@ -1,0 +1,219 @@
+//! A proxy's view of the mesh: its own service, the services it calls and the routes that
+//! govern those calls, with endpoints from the registry, as a routing-language document. The
+//! proxy validates it with the same crate the control plane used.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+
+use sidemesh_api::v1;
+use sidemesh_config::ServiceId;
+
+use crate::registry::ProxyInfo;
+use crate::store::{ConfigVersion, fnv64};
+
+#[derive(Debug, Clone)]
+pub struct View {
+    pub yaml: String,
+    pub hash: String,
+    pub endpoints: Vec<v1::ServiceEndpoints>,
+}
+
+fn resolve(config: &ConfigVersion, name: &str, namespace_hint: &str) -> Option<ServiceId> {
+    let (n, ns) = match name.split_once('.') {
+        Some((n, ns)) => (n, Some(ns)),
+        None => (name, None),
+    };
+    let matches: Vec<&ServiceId> = config
+        .mesh
+        .services
+        .iter()
+        .map(|s| &s.id)
+        .filter(|id| id.name == n && ns.is_none_or(|ns| id.namespace == ns))
+        .collect();
+    match matches.as_slice() {
+        [one] => Some((*one).clone()),
+        many => many
+            .iter()
+            .find(|id| id.namespace == namespace_hint)
+            .map(|id| (*id).clone()),
+    }
+}
+
+/// Computes `proxy`'s view of `config` with the registered `endpoints`.
+pub fn compute(
+    config: &ConfigVersion,
+    proxy: &ProxyInfo,
+    endpoints: &HashMap<ServiceId, Vec<(SocketAddr, String)>>,
+) -> View {
+    let mesh = &config.mesh;
+    let local = resolve(config, &proxy.service, &proxy.namespace);
+    let called: HashSet<ServiceId> = if proxy.upstreams.is_empty() {
+        mesh.services.iter().map(|s| s.id.clone()).collect()
+    } else {
+        proxy
+            .upstreams
+            .iter()
+            .filter_map(|u| resolve(config, u, &proxy.namespace))
+            .collect()
+    };
+    let mut keep: HashSet<ServiceId> = called.clone();
+    keep.extend(local.clone());
+    // Routes are validated one to one with their specs, in order.
+    let mut routes = Vec::new();
+    for (route, spec) in mesh.routes.iter().zip(&config.spec.routes) {
+        if called.contains(&route.service) {
+            keep.extend(route.backends.iter().map(|b| b.service.clone()));
+            routes.push(spec.clone());
+        }
+    }
+    let mut doc = config.spec.clone();
+    doc.routes = routes;
+    let mut views_endpoints = Vec::new();
+    doc.services = mesh
+        .services
+        .iter()
+        .zip(&config.spec.services)
+        .filter(|(s, _)| keep.contains(&s.id))
+        .map(|(s, spec)| {
+            let mut spec = spec.clone();
+            if let Some(registered) = endpoints.get(&s.id) {
+                // Registered proxies replace static endpoints: calls go through the server's proxy.
+                spec.endpoints = registered
+                    .iter()
+                    .map(|(addr, _)| addr.to_string())
+                    .collect();
+                views_endpoints.push(v1::ServiceEndpoints {
+                    service: s.id.name.clone(),
+                    namespace: s.id.namespace.clone(),
+                    endpoints: registered
+                        .iter()
+                        .map(|(addr, identity)| v1::Endpoint {
+                            address: addr.to_string(),
+                            identity: identity.clone(),
+                        })
+                        .collect(),
+                });
+            }
+            spec
+        })
+        .collect();
+    let yaml = serde_norway::to_string(&doc).unwrap_or_default();
+    let hash = fnv64(&[yaml.as_bytes()]);
+    View {
+        yaml,
+        hash,
+        endpoints: views_endpoints,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MESH: &str = "\
+apiVersion: sidemesh.io/v1
+kind: Mesh
+services:
+  - {name: client, ports: [{port: 1}]}
+  - {name: users, ports: [{port: 80}], endpoints: ['10.0.0.1:80']}
+  - {name: users-v2, ports: [{port: 80}], endpoints: ['10.0.0.2:80']}
+  - {name: orders, ports: [{port: 80}]}
+routes:
+  - {name: users-split, service: users, backends: [{service: users, weight: 9}, {service: users-v2, weight: 1}]}
+  - {name: orders-route, service: orders, timeout: 1s}
+";
+
+    fn config() -> ConfigVersion {
+        let sources = vec![sidemesh_config::Source {
+            file: "m.yaml".into(),
+            text: MESH.into(),
+        }];
+        let (mesh, spec) = sidemesh_config::validate_with_spec(&sources).expect("valid");
+        ConfigVersion {
+            number: 1,
+            hash: "h".into(),
+            files: vec![],
+            mesh,
+            spec,
+            changed_at: std::time::Instant::now(),
+            loaded_at: std::time::SystemTime::now(),
+        }
+    }
+
+    fn proxy(upstreams: &[&str]) -> ProxyInfo {
+        ProxyInfo {
+            id: "p".into(),
+            service: "client".into(),
+            namespace: "default".into(),
+            address: None,
+            identity: String::new(),
+            ready: true,
+            upstreams: upstreams.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn a_view_holds_what_the_proxy_calls_and_validates() {
+        let config = config();
+        let view = compute(&config, &proxy(&["users"]), &HashMap::new());
+        let mesh =
+            sidemesh_config::parse_str("view", &view.yaml).expect("the view is a valid mesh");
+        let names: Vec<&str> = mesh.services.iter().map(|s| s.id.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["client", "users", "users-v2"],
+            "own service, called service, its backends"
+        );
+        assert_eq!(mesh.routes.len(), 1);
+        assert_eq!(mesh.routes[0].name, "users-split");
+
+        let all = compute(&config, &proxy(&[]), &HashMap::new());
+        assert_eq!(
+            sidemesh_config::parse_str("v", &all.yaml)
+                .expect("valid")
+                .services
+                .len(),
+            4
+        );
+        assert_ne!(all.hash, view.hash);
+    }
+
+    #[test]
+    fn registered_endpoints_replace_static_ones_and_change_the_hash() {
+        let config = config();
+        let before = compute(&config, &proxy(&["users"]), &HashMap::new());
+        let mut endpoints = HashMap::new();
+        endpoints.insert(
+            ServiceId {
+                name: "users".into(),
+                namespace: "default".into(),
+            },
+            vec![(
+                "127.0.0.1:15006".parse().expect("addr"),
+                "spiffe://cluster.local/ns/default/sa/users".to_string(),
+            )],
+        );
+        let after = compute(&config, &proxy(&["users"]), &endpoints);
+        assert_ne!(before.hash, after.hash);
+        let mesh = sidemesh_config::parse_str("v", &after.yaml).expect("valid");
+        let users = mesh
+            .services
+            .iter()
+            .find(|s| s.id.name == "users")
+            .expect("users");
+        assert_eq!(
+            users.endpoints,
+            ["127.0.0.1:15006".parse::<SocketAddr>().expect("addr")]
+        );
+        assert_eq!(
+            after.endpoints[0].endpoints[0].identity,
+            "spiffe://cluster.local/ns/default/sa/users"
+        );
+        // Endpoints of services the proxy does not call do not affect its view.
+        let unrelated = compute(&config, &proxy(&["orders"]), &endpoints);
+        assert_eq!(
+            unrelated.hash,
+            compute(&config, &proxy(&["orders"]), &HashMap::new()).hash
+        );
+    }
+}
