@@ -4,6 +4,7 @@
 #
 #   bench/run.sh                 # 3 interleaved rounds (about 10 minutes on 2 cores)
 #   bench/run.sh --rounds 5      # more rounds, tighter spread
+#   bench/run.sh --only control-plane   # one section only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,5 +20,5 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}"
 fi
 
-cargo build --release --locked -p sidemesh-proxy -p sidemesh-demo -p sidemesh-tests --bins
+cargo build --release --locked -p sidemesh-proxy -p sidemesh-demo -p sidemesh-control-plane -p sidemesh-tests --bins
 exec python3 bench/run.py "$@"

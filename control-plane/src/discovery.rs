@@ -17,7 +17,6 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::hub::Hub;
 use crate::registry::ProxyInfo;
-use crate::view;
 
 /// How long a new stream may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -127,7 +126,7 @@ async fn serve(
         let revision = revisions.borrow_and_update().clone();
         let holding = hold.is_some_and(|until| std::time::Instant::now() < until);
         if let (Some(config), false) = (&revision.config, holding) {
-            let view = view::compute(config, &proxy, &revision.endpoints);
+            let view = hub.view(&revision, config, &proxy);
             if view.hash != last_hash {
                 let nonce = format!("{:016x}", fastrand::u64(..));
                 hub.registry.sent(
@@ -141,8 +140,8 @@ async fn serve(
                     version: revision.number,
                     nonce,
                     content_hash: view.hash.clone(),
-                    mesh_yaml: view.yaml,
-                    endpoints: view.endpoints,
+                    mesh_yaml: view.yaml.clone(),
+                    endpoints: view.endpoints.clone(),
                     config_version: config.number,
                 };
                 if tx
@@ -155,7 +154,7 @@ async fn serve(
                     break;
                 }
                 hub.metrics.pushes.inc();
-                last_hash = view.hash;
+                last_hash.clone_from(&view.hash);
             }
         }
         tokio::select! {

@@ -10,8 +10,9 @@ use sidemesh_config::ServiceId;
 use tokio::sync::watch;
 
 use crate::metrics::Metrics;
-use crate::registry::Registry;
+use crate::registry::{ProxyInfo, Registry};
 use crate::store::{ConfigVersion, Store};
+use crate::view::{self, View};
 
 /// Resolves once `stop` turns true (the guard `wait_for` returns is not `Send`, so it is
 /// dropped here rather than held by a `select!`).
@@ -37,7 +38,12 @@ pub struct Hub {
     /// registry is empty, and a view computed before every proxy has registered again would
     /// lack endpoints that are in fact alive.
     pub hold_until: Instant,
+    /// Views of the current revision by (service, namespace, upstreams): replicas of a service
+    /// share one, so a push to 10,000 proxies computes a handful of views, not 10,000.
+    views: std::sync::Mutex<(u64, HashMap<ViewKey, Arc<View>>)>,
 }
+
+type ViewKey = (String, String, Vec<String>);
 
 impl Hub {
     pub fn new(store: Arc<Store>, metrics: Metrics, startup_grace: Duration) -> Arc<Hub> {
@@ -56,6 +62,7 @@ impl Hub {
             metrics,
             revision,
             hold_until: Instant::now() + startup_grace,
+            views: std::sync::Mutex::new((0, HashMap::new())),
         })
     }
 
@@ -65,6 +72,30 @@ impl Hub {
 
     pub fn revision(&self) -> Revision {
         self.revision.borrow().clone()
+    }
+
+    /// `proxy`'s view of `revision` (which must carry a config), computed once per revision
+    /// for every proxy with the same service and upstreams.
+    pub fn view(
+        &self,
+        revision: &Revision,
+        config: &ConfigVersion,
+        proxy: &ProxyInfo,
+    ) -> Arc<View> {
+        let key = (
+            proxy.service.clone(),
+            proxy.namespace.clone(),
+            proxy.upstreams.clone(),
+        );
+        let mut cache = self.views.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.0 != revision.number {
+            *cache = (revision.number, HashMap::new());
+        }
+        cache
+            .1
+            .entry(key)
+            .or_insert_with(|| Arc::new(view::compute(config, proxy, &revision.endpoints)))
+            .clone()
     }
 
     pub fn converged(&self, took: Duration) {
