@@ -8,6 +8,9 @@ use std::net::SocketAddr;
 use sidemesh_api::v1;
 use sidemesh_config::ServiceId;
 
+use sidemesh_config::spec::{RateLimitScope, RateLimitSpec};
+use sidemesh_config::units::Rate;
+
 use crate::registry::ProxyInfo;
 use crate::store::{ConfigVersion, fnv64};
 
@@ -97,12 +100,53 @@ pub fn compute(
             spec
         })
         .collect();
+    // A `global` inbound limit is shared out among the service's live proxies.
+    if let Some(local) = &local {
+        let replicas = endpoints.get(local).map_or(1, Vec::len).max(1) as u64;
+        for (s, spec) in mesh.services.iter().zip(doc.services.iter_mut()) {
+            if &s.id != local || replicas == 1 {
+                continue;
+            }
+            if let Some(limit) = spec.inbound.as_mut().and_then(|i| i.rate_limit.as_mut()) {
+                if limit.scope == Some(RateLimitScope::Global) {
+                    share_out(limit, replicas);
+                }
+            }
+        }
+    }
     let yaml = serde_norway::to_string(&doc).unwrap_or_default();
     let hash = fnv64(&[yaml.as_bytes()]);
     View {
         yaml,
         hash,
         endpoints: views_endpoints,
+    }
+}
+
+/// `rate / n`: in the rate's own unit when it divides evenly, else per hour (exact to
+/// 1/3600 of a request per second).
+fn share(rate: Rate, n: u64) -> Rate {
+    if rate.count() % n == 0 {
+        return Rate::new(rate.count() / n, rate.per()).unwrap_or(rate);
+    }
+    let per_hour = u128::from(rate.count()) * 3600 / u128::from(rate.per().as_secs().max(1));
+    let count = u64::try_from((per_hour + u128::from(n) / 2) / u128::from(n))
+        .unwrap_or(u64::MAX)
+        .max(1);
+    Rate::new(count, std::time::Duration::from_secs(3600)).unwrap_or(rate)
+}
+
+/// Each of `n` proxies enforces `1/n` of the rate and of the burst.
+fn share_out(limit: &mut RateLimitSpec, n: u64) {
+    limit.rate = share(limit.rate, n);
+    limit.burst = limit
+        .burst
+        .map(|b| b.div_ceil(u32::try_from(n).unwrap_or(u32::MAX)).max(1));
+    for o in &mut limit.overrides {
+        o.rate = share(o.rate, n);
+        o.burst = o
+            .burst
+            .map(|b| b.div_ceil(u32::try_from(n).unwrap_or(u32::MAX)).max(1));
     }
 }
 
@@ -176,6 +220,34 @@ routes:
             4
         );
         assert_ne!(all.hash, view.hash);
+    }
+
+    #[test]
+    fn global_limits_are_shared_out_among_live_proxies() {
+        assert_eq!(
+            share("300/s".parse().expect("rate"), 3).to_string(),
+            "100/s"
+        );
+        assert_eq!(
+            share("300/s".parse().expect("rate"), 2).to_string(),
+            "150/s"
+        );
+        let third = share("100/s".parse().expect("rate"), 3);
+        assert!((third.per_second() - 100.0 / 3.0).abs() < 0.001, "{third}");
+        let mut limit = RateLimitSpec {
+            rate: "300/s".parse().expect("rate"),
+            burst: Some(30),
+            key: None,
+            scope: Some(RateLimitScope::Global),
+            overrides: Vec::new(),
+        };
+        share_out(&mut limit, 7);
+        assert_eq!(
+            limit.rate.to_string(),
+            "154286/h",
+            "300/s over 7 proxies, per hour"
+        );
+        assert_eq!(limit.burst, Some(5), "burst 30 over 7, rounded up");
     }
 
     #[test]

@@ -17,6 +17,8 @@ use axum::response::{IntoResponse, Response};
 pub struct Faults {
     fail_rate: f64,
     latency: Option<Duration>,
+    /// Sent as `Retry-After` (seconds) with injected HTTP 503s, when set.
+    retry_after: Option<u64>,
     rng: Mutex<fastrand::Rng>,
 }
 
@@ -27,8 +29,15 @@ impl Faults {
         Self {
             fail_rate: fail_rate.clamp(0.0, 1.0),
             latency,
+            retry_after: None,
             rng: Mutex::new(rng),
         }
+    }
+
+    /// Injected HTTP 503s also say `Retry-After: <secs>`.
+    pub fn with_retry_after(mut self, secs: Option<u64>) -> Self {
+        self.retry_after = secs;
+        self
     }
 
     pub fn none() -> Self {
@@ -63,8 +72,10 @@ pub async fn inject(State(faults): State<Arc<Faults>>, req: Request, next: Next)
         axum::Json(serde_json::json!({ "error": "injected failure (--fail-rate)" })),
     )
         .into_response();
-    resp.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    if let Some(secs) = faults.retry_after {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
     resp
 }
 

@@ -19,6 +19,9 @@ pub struct CommonArgs {
     /// Delay added to every request, e.g. `50ms`.
     #[arg(long, env = "LATENCY", value_parser = parse_duration)]
     pub latency: Option<Duration>,
+    /// Injected 503s say `Retry-After: <seconds>` (none by default).
+    #[arg(long, env = "RETRY_AFTER")]
+    pub retry_after: Option<u64>,
     /// Seed for the failure draws, to make them reproducible.
     #[arg(long, env = "FAULT_SEED")]
     pub seed: Option<u64>,
@@ -33,6 +36,7 @@ pub struct CommonArgs {
 impl CommonArgs {
     pub fn faults(&self) -> crate::faults::Faults {
         crate::faults::Faults::new(self.fail_rate, self.latency, self.seed)
+            .with_retry_after(self.retry_after)
     }
 }
 

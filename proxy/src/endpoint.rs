@@ -329,6 +329,9 @@ pub struct EndpointState {
 pub struct Registry {
     endpoints: Mutex<HashMap<SocketAddr, Weak<Endpoint>>>,
     pinned: Mutex<HashMap<SocketAddr, Arc<Endpoint>>>,
+    /// Rate limiters by scope and settings: a reload that keeps a limit keeps its buckets
+    /// (a fresh limiter would hand every client a new burst).
+    limiters: Mutex<HashMap<String, Weak<crate::ratelimit::Limiter>>>,
 }
 
 /// Most pinned direct destinations; beyond it the least useful (idle) ones are let go.
@@ -345,6 +348,28 @@ impl Registry {
         let ep = Arc::new(Endpoint::new(addr));
         map.insert(addr, Arc::downgrade(&ep));
         ep
+    }
+
+    /// The limiter for `scope` (e.g. `outbound/users/route-name`) with these settings.
+    pub fn limiter(
+        &self,
+        scope: &str,
+        name: &str,
+        spec: &sidemesh_config::RateLimit,
+        limited: prometheus_client::metrics::counter::Counter,
+    ) -> Arc<crate::ratelimit::Limiter> {
+        let key = format!(
+            "{scope}|{}",
+            serde_json::to_string(spec).unwrap_or_default()
+        );
+        let mut map = self.limiters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = map.get(&key).and_then(Weak::upgrade) {
+            return l;
+        }
+        map.retain(|_, weak| weak.strong_count() > 0);
+        let limiter = Arc::new(crate::ratelimit::Limiter::new(name, spec, limited));
+        map.insert(key, Arc::downgrade(&limiter));
+        limiter
     }
 
     /// A direct destination, kept alive (and its connections pooled) across requests.

@@ -124,6 +124,19 @@ async fn handle(
         headers::append_forwarded_for(&mut parts.headers, conn.client.ip());
     }
     parts.extensions.insert(destination);
+    parts
+        .extensions
+        .insert(crate::ratelimit::ClientAddr(conn.client));
+    if conn.direction == Direction::Inbound {
+        if let Some(limiter) = snapshot
+            .local_service()
+            .and_then(|s| s.inbound_limiter.clone())
+        {
+            parts
+                .extensions
+                .insert(crate::ratelimit::InboundLimit(limiter));
+        }
+    }
     let req = Request::from_parts(parts, body::incoming(incoming));
 
     let resp = match pipeline::call(proxy.clone(), req).await {

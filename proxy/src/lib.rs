@@ -7,7 +7,7 @@
 //! - `http`: serving HTTP connections; the per-request handler and routing.
 //! - `tcp`: opaque byte forwarding.
 //! - `pipeline`: the request stages, in order.
-//! - `timeout`, `forward`: request stages.
+//! - `ratelimit`, `timeout`, `retry`, `forward`: request stages.
 //! - `snapshot`: compiled routing config; route matching.
 //! - `balance`, `endpoint`: load balancing, pooled connections, outlier detection.
 //! - `headers`, `body`, `rewind`: HTTP hygiene and IO helpers.
@@ -33,8 +33,10 @@ pub mod headers;
 pub mod http;
 pub mod metrics;
 pub mod pipeline;
+pub mod ratelimit;
 pub mod reload;
 pub mod respond;
+pub mod retry;
 pub mod rewind;
 pub mod snapshot;
 pub mod tcp;

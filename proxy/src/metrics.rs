@@ -95,6 +95,9 @@ pub struct Metrics {
     ejections: Family<EndpointLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
     config_version: Gauge<u64, AtomicU64>,
+    rate_limited: Family<RouteLatencyLabels, Counter>,
+    retries: Family<RouteLatencyLabels, Counter>,
+    retry_budget_exhausted: Family<RouteLatencyLabels, Counter>,
 }
 
 /// Handles for one route in both directions, created on first use and then cached, so
@@ -171,6 +174,24 @@ impl Metrics {
             "Version of the routing config in force",
             config_version.clone(),
         );
+        let rate_limited = Family::<RouteLatencyLabels, Counter>::default();
+        registry.register(
+            "rate_limited",
+            "Requests refused with 429 by a rate limit",
+            rate_limited.clone(),
+        );
+        let retries = Family::<RouteLatencyLabels, Counter>::default();
+        registry.register(
+            "retries",
+            "Attempts sent again after a retriable failure",
+            retries.clone(),
+        );
+        let retry_budget_exhausted = Family::<RouteLatencyLabels, Counter>::default();
+        registry.register(
+            "retry_budget_exhausted",
+            "Retriable failures returned as they were because the retry budget was spent",
+            retry_budget_exhausted.clone(),
+        );
         Self {
             registry,
             requests,
@@ -181,7 +202,34 @@ impl Metrics {
             ejections,
             reloads,
             config_version,
+            rate_limited,
+            retries,
+            retry_budget_exhausted,
         }
+    }
+
+    /// (retries, budget exhausted) counters of an outbound route.
+    pub fn retry_counters(&self, service: &str, route: &str) -> (Counter, Counter) {
+        let labels = RouteLatencyLabels {
+            direction: Direction::Outbound.as_str(),
+            service: service.to_string(),
+            route: route.to_string(),
+        };
+        (
+            self.retries.get_or_create(&labels).clone(),
+            self.retry_budget_exhausted.get_or_create(&labels).clone(),
+        )
+    }
+
+    /// The 429 counter of one limit.
+    pub fn rate_limited(&self, direction: Direction, service: &str, route: &str) -> Counter {
+        self.rate_limited
+            .get_or_create(&RouteLatencyLabels {
+                direction: direction.as_str(),
+                service: service.to_string(),
+                route: route.to_string(),
+            })
+            .clone()
     }
 
     /// Handles for a route; called when a config version is compiled.

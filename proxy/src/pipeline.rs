@@ -13,8 +13,13 @@
 //! per request (http.rs, then `stack` below)
 //!  4. route      host -> service -> route -> destination, once, into the request's
 //!                extensions (snapshot.rs); an unknown service is a 404 from the proxy
-//!  5. timeout    the route's deadline, so a slow upstream is a 504, not a hang (timeout.rs)
-//!  6. forward    weighted backend, balanced endpoint, pooled connection; outcomes feed
+//!  5. limit      token buckets per route (caller side) and per service (inbound): a 429
+//!                with Retry-After before any upstream work is spent (ratelimit.rs)
+//!  6. timeout    the route's deadline over all attempts, so a slow upstream is a 504, not
+//!                a hang (timeout.rs)
+//!  7. retry      retriable failures sent again within the route's budget, each attempt
+//!                under the per-try timeout (retry.rs)
+//!  8. forward    weighted backend, balanced endpoint, pooled connection; outcomes feed
 //!                outlier detection (forward.rs, balance.rs, endpoint.rs)
 //! ```
 //!
@@ -28,17 +33,23 @@ use tower::{Service, ServiceBuilder};
 use crate::app::Proxy;
 use crate::body::{Body, ResponseFuture};
 use crate::forward::Forward;
+use crate::ratelimit::{RateLimitLayer, RateLimitService};
+use crate::retry::{Retry, RetryLayer};
 use crate::timeout::{Timeout, TimeoutLayer};
 
 /// The request stages after routing, outermost first.
 ///
 /// The type is spelled out (not `impl Service`) because an opaque return type hides from rustc
 /// that the response future is `Send` for hyper's HTTP/2 executor.
-pub fn stack(proxy: Arc<Proxy>) -> Timeout<Forward> {
+pub fn stack(proxy: Arc<Proxy>) -> RateLimitService<Timeout<Retry<Forward>>> {
     ServiceBuilder::new()
-        // 5. The route's deadline covers everything below.
+        // 5. Refuse over-limit requests before spending anything on them.
+        .layer(RateLimitLayer)
+        // 6. The route's deadline covers every attempt below.
         .layer(TimeoutLayer)
-        // 6. Balance and send.
+        // 7. Retriable failures are sent again, within the budget.
+        .layer(RetryLayer)
+        // 8. Balance and send.
         .service(Forward::new(proxy))
 }
 

@@ -47,12 +47,19 @@ pub enum ProxyError {
     Timeout { after: Duration },
     #[error("bad request: {why}")]
     BadRequest { why: String },
+    #[error("rate limit `{limit}` ({rate}) exceeded; retry in {retry_after:?}")]
+    RateLimited {
+        limit: String,
+        rate: sidemesh_config::units::Rate,
+        retry_after: Duration,
+        headers: Box<crate::ratelimit::RateHeaders>,
+    },
 }
 
 impl ProxyError {
     pub fn side(&self) -> Side {
         match self {
-            ProxyError::BadRequest { .. } => Side::Downstream,
+            ProxyError::BadRequest { .. } | ProxyError::RateLimited { .. } => Side::Downstream,
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => Side::Upstream,
             _ => Side::Proxy,
         }
@@ -73,6 +80,7 @@ impl ProxyError {
             ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -86,6 +94,7 @@ impl ProxyError {
             ProxyError::Upstream { .. } => "upstream-failure",
             ProxyError::Timeout { .. } => "request-timeout",
             ProxyError::BadRequest { .. } => "bad-request",
+            ProxyError::RateLimited { .. } => "rate-limited",
         }
     }
 }
@@ -96,11 +105,26 @@ pub fn error_response(error: &ProxyError, grpc: bool) -> Response<Body> {
         Side::Downstream => tracing::debug!(error = %error, "refused request"),
         _ => tracing::info!(error = %error, code = error.code(), "proxy answered with an error"),
     }
-    if grpc {
+    let mut resp = if grpc {
         grpc_error(error.status(), error.code(), &error.to_string())
     } else {
         synthetic(error.status(), error.code(), &error.to_string())
+    };
+    if let ProxyError::RateLimited {
+        retry_after,
+        headers,
+        ..
+    } = error
+    {
+        let h = resp.headers_mut();
+        h.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(crate::ratelimit::ceil_secs(*retry_after)),
+        );
+        h.insert("ratelimit-policy", headers.policy.clone());
+        h.insert("ratelimit", headers.state.clone());
     }
+    resp
 }
 
 /// A plain-text response made by the proxy itself.

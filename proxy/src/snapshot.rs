@@ -10,7 +10,9 @@ use sidemesh_config::{Mesh, PathMatch, Protocol, Route, RouteMatch, ServiceId};
 
 use crate::balance::Balancer;
 use crate::endpoint::{OutlierPolicy, Registry};
-use crate::metrics::{Metrics, RouteMetrics};
+use crate::metrics::{Direction, Metrics, RouteMetrics};
+use crate::ratelimit::Limiter;
+use crate::retry::RetryState;
 
 #[derive(Debug)]
 pub struct Snapshot {
@@ -33,6 +35,8 @@ pub struct ServiceEntry {
     table: Vec<(RouteMatch, Arc<RouteEntry>)>,
     /// Requests no route matches: straight to the service, no timeout, no retries.
     default_route: Arc<RouteEntry>,
+    /// The service's inbound limit, applied by its own proxies.
+    pub inbound_limiter: Option<Arc<Limiter>>,
 }
 
 #[derive(Debug)]
@@ -44,6 +48,9 @@ pub struct RouteEntry {
     backends: Vec<(u32, Arc<Balancer>)>,
     total_weight: u32,
     pub metrics: RouteMetrics,
+    /// The route's rate limit, applied by this (calling) proxy.
+    pub limiter: Option<Arc<Limiter>>,
+    pub retry: Option<Arc<RetryState>>,
 }
 
 /// Why a config cannot serve this proxy.
@@ -108,6 +115,8 @@ impl Snapshot {
                 backends: vec![(1, balancer.clone())],
                 total_weight: 1,
                 metrics: metrics.route(&label, "default"),
+                limiter: None,
+                retry: None,
             });
             let mut table: Vec<(usize, RouteMatch, Arc<RouteEntry>)> = Vec::new();
             for (order, route) in mesh.routes_for(&s.id).enumerate() {
@@ -127,6 +136,25 @@ impl Snapshot {
                     backends,
                     total_weight: cumulative,
                     metrics: metrics.route(&label, &route.name),
+                    limiter: route.rate_limit.as_ref().map(|spec| {
+                        let counter =
+                            metrics.rate_limited(Direction::Outbound, &label, &route.name);
+                        registry.limiter(
+                            &format!("outbound/{}/{}", s.id, route.name),
+                            &route.name,
+                            spec,
+                            counter,
+                        )
+                    }),
+                    retry: route.retry.as_ref().map(|policy| {
+                        let (retries, exhausted) = metrics.retry_counters(&label, &route.name);
+                        Arc::new(RetryState::new(
+                            policy.clone(),
+                            route.timeout.map(|t| t.get()),
+                            retries,
+                            exhausted,
+                        ))
+                    }),
                 });
                 let matches = if route.matches.is_empty() {
                     vec![RouteMatch::default()]
@@ -138,6 +166,15 @@ impl Snapshot {
                 }
             }
             table.sort_by_key(|(order, m, _)| (precedence(m), *order));
+            let inbound_limiter = s
+                .inbound
+                .rate_limit
+                .as_ref()
+                .filter(|_| s.id == local_id)
+                .map(|spec| {
+                    let counter = metrics.rate_limited(Direction::Inbound, &label, "inbound");
+                    registry.limiter(&format!("inbound/{}", s.id), &s.id.name, spec, counter)
+                });
             services.insert(
                 s.id.clone(),
                 Arc::new(ServiceEntry {
@@ -147,6 +184,7 @@ impl Snapshot {
                     balancer,
                     table: table.into_iter().map(|(_, m, e)| (m, e)).collect(),
                     default_route,
+                    inbound_limiter,
                 }),
             );
         }

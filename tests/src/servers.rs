@@ -26,7 +26,7 @@ type EchoBody = BoxBody<Bytes, hyper::Error>;
 ///
 /// - `/echo`: streams the request body back.
 /// - `/headers`: the request's version and headers as JSON.
-/// - `/slow/{ms}`: answers after a delay.
+/// - `/slow/{ms}`: answers after a delay; `/slow-first/{ms}` only on the first attempt.
 /// - `/status/{code}`: answers with that status.
 /// - anything else: 200 with the server's id.
 ///
@@ -124,6 +124,21 @@ impl EchoServer {
                 "headers": headers,
             });
             full(StatusCode::OK, body.to_string())
+        } else if let Some(ms) = path
+            .strip_prefix("/slow-first/")
+            .and_then(|ms| ms.parse().ok())
+        {
+            // Slow only on the proxy's first attempt: shows a per-try timeout then a success.
+            let attempt = req
+                .headers()
+                .get("x-sidemesh-attempt")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("1")
+                .to_string();
+            if attempt == "1" {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+            full(StatusCode::OK, format!("attempt {attempt}"))
         } else if let Some(ms) = path.strip_prefix("/slow/").and_then(|ms| ms.parse().ok()) {
             tokio::time::sleep(Duration::from_millis(ms)).await;
             full(StatusCode::OK, format!("slow {ms}ms"))

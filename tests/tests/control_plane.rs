@@ -422,3 +422,67 @@ async fn a_control_plane_outage_fails_no_request_and_a_restarted_proxy_serves_fr
     let logs = restarted.logs().join("\n");
     assert!(logs.contains("serving the stored snapshot"), "{logs}");
 }
+
+/// The rate of `service`'s inbound limit in a proxy's pushed view.
+async fn inbound_rate(proxy: &Proc, service: &str) -> Option<String> {
+    let dump = http(
+        Method::GET,
+        &format!("http://{}/config_dump", proxy.listener("admin")),
+        None,
+        &[],
+    )
+    .await
+    .ok()?
+    .json();
+    dump["config"]["mesh"]["services"]
+        .as_array()?
+        .iter()
+        .find(|s| s["id"] == format!("{service}.default"))?["inbound"]["rate_limit"]["rate"]
+        .as_str()
+        .map(String::from)
+}
+
+#[tokio::test]
+async fn a_global_limit_is_shared_among_the_live_proxies_of_a_service() {
+    let app = EchoServer::start("app").await;
+    let other = EchoServer::start("other").await;
+    let limited = "    inbound:\n      rateLimit: {rate: 300/s, scope: global}\n";
+    let mesh = Mesh::new(&yaml(limited, "", other.addr));
+    let cp = mesh.control_plane("127.0.0.1:0", "127.0.0.1:0");
+    let (grpc, admin) = (
+        format!("http://{}", cp.listener("grpc")),
+        cp.listener("admin"),
+    );
+    let app_addr = app.addr.to_string();
+    let proxies: Vec<Proc> = (1..=3)
+        .map(|i| {
+            mesh.proxy(
+                &grpc,
+                &format!("echo-{i}"),
+                "echo",
+                &["--inbound", "127.0.0.1:0", "--app", &app_addr],
+            )
+        })
+        .collect();
+    synced(admin, 3).await;
+    for p in &proxies {
+        let rate = eventually(
+            "each proxy to enforce a third",
+            Duration::from_secs(10),
+            || async { inbound_rate(p, "echo").await.filter(|r| r == "100/s") },
+        )
+        .await;
+        assert_eq!(rate, "100/s");
+    }
+    // One proxy goes away: after the disconnect grace the other two get half each.
+    let mut proxies = proxies;
+    drop(proxies.pop());
+    for p in &proxies {
+        eventually(
+            "each remaining proxy to enforce half",
+            Duration::from_secs(10),
+            || async { inbound_rate(p, "echo").await.filter(|r| r == "150/s") },
+        )
+        .await;
+    }
+}

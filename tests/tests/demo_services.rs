@@ -179,7 +179,14 @@ async fn user_service_down_or_unavailable_is_503() {
 /// reproducible, the tolerance keeps the test honest about what the flag promises.
 #[tokio::test]
 async fn fail_rate_half_fails_half_the_requests() {
-    let users = user_service(&["--fail-rate", "0.5", "--seed", "20261121"]);
+    let users = user_service(&[
+        "--fail-rate",
+        "0.5",
+        "--seed",
+        "20261121",
+        "--retry-after",
+        "1",
+    ]);
     let url = users.url("/users/1");
     let (mut ok, mut unavailable) = (0u32, 0u32);
     for _ in 0..1000 {

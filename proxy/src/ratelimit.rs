@@ -1,0 +1,496 @@
+//! Rate limiting: token buckets (governor), per route on the caller's side and per service on
+//! the receiving side, keyed by nothing, the caller's identity, its IP or a header value.
+//!
+//! Over the limit, the request is answered 429 by the proxy with `Retry-After` and the IETF
+//! `RateLimit-Policy` / `RateLimit` headers (draft-ietf-httpapi-ratelimit-headers); allowed
+//! responses carry the same headers so clients can pace themselves.
+//!
+//! Buckets read tokio's clock: real time in production, simulated time under
+//! `tokio::time::pause()` in tests.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use governor::clock::Clock;
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DashMapStateStore;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use http::HeaderValue;
+use prometheus_client::metrics::counter::Counter;
+use sidemesh_config::units::Rate;
+use sidemesh_config::{RateLimit, RateLimitKey};
+
+/// Keys a limiter tracks before idle ones are evicted.
+const MAX_KEYS: usize = 100_000;
+/// Every this many checks, keys whose bucket is full again are dropped.
+const EVICT_EVERY: u64 = 4096;
+
+/// governor's clock on tokio's time.
+#[derive(Debug, Clone)]
+pub struct TokioClock {
+    epoch: tokio::time::Instant,
+}
+
+impl Clock for TokioClock {
+    type Instant = Duration;
+
+    fn now(&self) -> Duration {
+        tokio::time::Instant::now().saturating_duration_since(self.epoch)
+    }
+}
+
+type Direct = RateLimiter<NotKeyed, InMemoryState, TokioClock, StateInformationMiddleware>;
+type Keyed = RateLimiter<String, DashMapStateStore<String>, TokioClock, StateInformationMiddleware>;
+
+/// One configured limit (a route's or a service's inbound limit).
+#[derive(Debug)]
+pub struct Limiter {
+    name: String,
+    spec: RateLimit,
+    clock: TokioClock,
+    shared: Direct,
+    keyed: Keyed,
+    overrides: HashMap<String, (Direct, Rate, u32)>,
+    checks: AtomicU64,
+    limited: Counter,
+}
+
+/// What the limiter decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Allowed {
+        remaining: u32,
+        headers: RateHeaders,
+    },
+    Limited {
+        retry_after: Duration,
+        headers: RateHeaders,
+    },
+}
+
+/// `RateLimit-Policy` and `RateLimit` header values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateHeaders {
+    pub policy: HeaderValue,
+    pub state: HeaderValue,
+}
+
+/// What tells callers apart, as the request and its connection show it.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller<'a> {
+    pub ip: IpAddr,
+    pub identity: Option<&'a str>,
+    pub headers: &'a http::HeaderMap,
+}
+
+fn quota(rate: Rate, burst: u32) -> Quota {
+    let period = Duration::from_nanos(
+        u64::try_from(rate.per().as_nanos() / u128::from(rate.count().max(1)))
+            .unwrap_or(u64::MAX)
+            .max(1),
+    );
+    let burst = NonZeroU32::new(burst.max(1)).unwrap_or(NonZeroU32::MIN);
+    Quota::with_period(period)
+        .unwrap_or_else(|| Quota::per_second(burst))
+        .allow_burst(burst)
+}
+
+fn window_secs(rate: Rate) -> u64 {
+    rate.per().as_secs().max(1)
+}
+
+impl Limiter {
+    pub fn new(name: &str, spec: &RateLimit, limited: Counter) -> Self {
+        let clock = TokioClock {
+            epoch: tokio::time::Instant::now(),
+        };
+        let q = quota(spec.rate, spec.burst);
+        Self {
+            name: name.to_string(),
+            shared: RateLimiter::direct_with_clock(q, clock.clone())
+                .with_middleware::<StateInformationMiddleware>(),
+            keyed: RateLimiter::dashmap_with_clock(q, clock.clone())
+                .with_middleware::<StateInformationMiddleware>(),
+            overrides: spec
+                .overrides
+                .iter()
+                .map(|o| {
+                    let limiter =
+                        RateLimiter::direct_with_clock(quota(o.rate, o.burst), clock.clone())
+                            .with_middleware::<StateInformationMiddleware>();
+                    (o.key.clone(), (limiter, o.rate, o.burst))
+                })
+                .collect(),
+            clock,
+            spec: spec.clone(),
+            checks: AtomicU64::new(0),
+            limited,
+        }
+    }
+
+    pub fn spec(&self) -> &RateLimit {
+        &self.spec
+    }
+
+    /// The key this caller's requests are counted under (`None`: the shared bucket).
+    fn key(&self, caller: &Caller<'_>) -> Option<String> {
+        match &self.spec.key {
+            RateLimitKey::None => None,
+            // Without mTLS a caller has no identity; all such callers share one bucket.
+            RateLimitKey::Identity => {
+                Some(caller.identity.unwrap_or("unauthenticated").to_string())
+            }
+            RateLimitKey::SourceIp => Some(caller.ip.to_string()),
+            RateLimitKey::Header(name) => Some(
+                caller
+                    .headers
+                    .get(name.as_str())
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string(),
+            ),
+        }
+    }
+
+    pub fn check(&self, caller: &Caller<'_>) -> Decision {
+        let key = self.key(caller);
+        let (outcome, rate, burst) = match key.as_deref().and_then(|k| self.overrides.get(k)) {
+            Some((limiter, rate, burst)) => (
+                limiter.check().map(|s| s.remaining_burst_capacity()),
+                *rate,
+                *burst,
+            ),
+            None => {
+                let outcome = match &key {
+                    None => self.shared.check().map(|s| s.remaining_burst_capacity()),
+                    Some(k) => {
+                        self.evict_idle_keys();
+                        self.keyed
+                            .check_key(k)
+                            .map(|s| s.remaining_burst_capacity())
+                    }
+                };
+                (outcome, self.spec.rate, self.spec.burst)
+            }
+        };
+        let policy = HeaderValue::from_str(&format!(
+            "\"{}\";q={};w={}",
+            self.name,
+            rate.count(),
+            window_secs(rate)
+        ))
+        .unwrap_or(HeaderValue::from_static("\"default\""));
+        let period = quota(rate, burst).replenish_interval();
+        match outcome {
+            Ok(remaining) => {
+                // Seconds until the bucket is full again.
+                let refill = period.saturating_mul(burst.saturating_sub(remaining));
+                Decision::Allowed {
+                    remaining,
+                    headers: RateHeaders {
+                        policy,
+                        state: header(&format!(
+                            "\"{}\";r={remaining};t={}",
+                            self.name,
+                            ceil_secs(refill)
+                        )),
+                    },
+                }
+            }
+            Err(not_until) => {
+                self.limited.inc();
+                let wait = not_until.wait_time_from(self.clock.now());
+                Decision::Limited {
+                    retry_after: wait,
+                    headers: RateHeaders {
+                        policy,
+                        state: header(&format!("\"{}\";r=0;t={}", self.name, ceil_secs(wait))),
+                    },
+                }
+            }
+        }
+    }
+
+    /// Keeps the keyed store bounded: buckets that are full again are indistinguishable from
+    /// new ones and can go.
+    fn evict_idle_keys(&self) {
+        let n = self.checks.fetch_add(1, Ordering::Relaxed);
+        if n % EVICT_EVERY == 0 || self.keyed.len() > MAX_KEYS {
+            self.keyed.retain_recent();
+            self.keyed.shrink_to_fit();
+        }
+    }
+
+    /// Keys tracked now (for tests and `/config_dump`).
+    pub fn tracked_keys(&self) -> usize {
+        self.keyed.len()
+    }
+}
+
+/// The caller's address, put into every request's extensions by the HTTP handler.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub std::net::SocketAddr);
+
+/// The local service's inbound limit, put into inbound requests' extensions.
+#[derive(Debug, Clone)]
+pub struct InboundLimit(pub std::sync::Arc<Limiter>);
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RateLimitLayer;
+
+impl<S> tower::Layer<S> for RateLimitLayer {
+    type Service = RateLimitService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimitService { inner }
+    }
+}
+
+/// The request stage: 429 from the proxy when over the limit; otherwise the response gains
+/// the `RateLimit` headers.
+#[derive(Debug, Clone)]
+pub struct RateLimitService<S> {
+    inner: S,
+}
+
+impl<S> tower::Service<http::Request<crate::body::Body>> for RateLimitService<S>
+where
+    S: tower::Service<
+            http::Request<crate::body::Body>,
+            Response = http::Response<crate::body::Body>,
+            Error = crate::respond::ProxyError,
+            Future = crate::body::ResponseFuture,
+        >,
+{
+    type Response = http::Response<crate::body::Body>;
+    type Error = crate::respond::ProxyError;
+    type Future = crate::body::ResponseFuture;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<crate::body::Body>) -> Self::Future {
+        let limiter = match req.extensions().get::<crate::forward::Destination>() {
+            Some(crate::forward::Destination::Route(route)) => route.limiter.clone(),
+            _ => req.extensions().get::<InboundLimit>().map(|l| l.0.clone()),
+        };
+        let Some(limiter) = limiter else {
+            return self.inner.call(req);
+        };
+        let ip = req
+            .extensions()
+            .get::<ClientAddr>()
+            .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+        let caller = Caller {
+            ip,
+            identity: None,
+            headers: req.headers(),
+        };
+        match limiter.check(&caller) {
+            Decision::Limited {
+                retry_after,
+                headers,
+            } => Box::pin(std::future::ready(Err(
+                crate::respond::ProxyError::RateLimited {
+                    limit: limiter.name.clone(),
+                    rate: limiter.spec.rate,
+                    retry_after,
+                    headers: Box::new(headers),
+                },
+            ))),
+            Decision::Allowed { headers, .. } => {
+                let fut = self.inner.call(req);
+                Box::pin(async move {
+                    let mut resp = fut.await?;
+                    resp.headers_mut()
+                        .insert("ratelimit-policy", headers.policy);
+                    resp.headers_mut().insert("ratelimit", headers.state);
+                    Ok(resp)
+                })
+            }
+        }
+    }
+}
+
+fn header(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static("\"default\""))
+}
+
+/// Whole seconds, rounded up, at least 1 (as `Retry-After` and `t=` want).
+pub fn ceil_secs(d: Duration) -> u64 {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(yaml_limit: &str) -> RateLimit {
+        let doc = format!(
+            "apiVersion: sidemesh.io/v1\nkind: Mesh\nservices:\n  - name: s\n    ports: [{{port: 80}}]\n    inbound:\n      rateLimit: {yaml_limit}\n"
+        );
+        let mesh = sidemesh_config::parse_str("t.yaml", &doc).expect("valid");
+        mesh.services[0].inbound.rate_limit.clone().expect("limit")
+    }
+
+    fn caller(ip: [u8; 4], identity: Option<&str>, headers: &http::HeaderMap) -> Caller<'static> {
+        let headers: &'static http::HeaderMap = Box::leak(Box::new(headers.clone()));
+        let identity: Option<&'static str> =
+            identity.map(|s| &*Box::leak(s.to_string().into_boxed_str()));
+        Caller {
+            ip: IpAddr::from(ip),
+            identity,
+            headers,
+        }
+    }
+
+    /// 100/s with a burst of 10 over a simulated 10 s: the burst plus 100 a second.
+    #[tokio::test(start_paused = true)]
+    async fn admits_the_rate_plus_the_burst_within_one_percent() {
+        let limiter = Limiter::new("r", &limit("{rate: 100/s, burst: 10}"), Counter::default());
+        let none = http::HeaderMap::new();
+        let c = caller([10, 0, 0, 1], None, &none);
+        let mut admitted = 0u32;
+        // Ask 1000 times a second (every millisecond) for 10 simulated seconds.
+        for _ in 0..10_000 {
+            if matches!(limiter.check(&c), Decision::Allowed { .. }) {
+                admitted += 1;
+            }
+            tokio::time::advance(Duration::from_millis(1)).await;
+        }
+        let expected = 10.0 + 100.0 * 10.0;
+        let error = (f64::from(admitted) - expected).abs() / expected;
+        assert!(
+            error <= 0.01,
+            "admitted {admitted}, expected about {expected}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn per_identity_keys_isolate_callers_and_overrides_apply() {
+        let spec = limit(
+            "{rate: 10/s, burst: 2, key: identity, overrides: [{key: 'spiffe://cluster.local/ns/demo/sa/batch', rate: 100/s, burst: 50}]}",
+        );
+        let limiter = Limiter::new("inbound", &spec, Counter::default());
+        let none = http::HeaderMap::new();
+        let noisy = caller(
+            [10, 0, 0, 1],
+            Some("spiffe://cluster.local/ns/demo/sa/noisy"),
+            &none,
+        );
+        let quiet = caller(
+            [10, 0, 0, 1],
+            Some("spiffe://cluster.local/ns/demo/sa/quiet"),
+            &none,
+        );
+        let batch = caller(
+            [10, 0, 0, 1],
+            Some("spiffe://cluster.local/ns/demo/sa/batch"),
+            &none,
+        );
+        assert!(matches!(limiter.check(&noisy), Decision::Allowed { .. }));
+        assert!(matches!(limiter.check(&noisy), Decision::Allowed { .. }));
+        assert!(
+            matches!(limiter.check(&noisy), Decision::Limited { .. }),
+            "the noisy caller's burst of 2 is spent"
+        );
+        assert!(
+            matches!(limiter.check(&quiet), Decision::Allowed { .. }),
+            "another identity has its own bucket"
+        );
+        let batch_ok = (0..50)
+            .filter(|_| matches!(limiter.check(&batch), Decision::Allowed { .. }))
+            .count();
+        assert_eq!(
+            batch_ok, 50,
+            "the override's burst of 50 applies to its key"
+        );
+        assert_eq!(
+            limiter.tracked_keys(),
+            2,
+            "overridden keys have their own limiter"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn headers_say_the_policy_the_remaining_and_when_to_retry() {
+        let limiter = Limiter::new(
+            "orders",
+            &limit("{rate: 6000/min, burst: 2, key: {header: x-client-id}}"),
+            Counter::default(),
+        );
+        let mut h = http::HeaderMap::new();
+        h.insert("x-client-id", HeaderValue::from_static("c1"));
+        let c = caller([10, 0, 0, 1], None, &h);
+        match limiter.check(&c) {
+            Decision::Allowed { remaining, headers } => {
+                assert_eq!(remaining, 1);
+                assert_eq!(headers.policy, "\"orders\";q=6000;w=60");
+                assert_eq!(headers.state, "\"orders\";r=1;t=1");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            limiter.check(&c),
+            Decision::Allowed { remaining: 0, .. }
+        ));
+        match limiter.check(&c) {
+            Decision::Limited {
+                retry_after,
+                headers,
+            } => {
+                // 6000/min is one token every 10 ms.
+                assert!(
+                    retry_after <= Duration::from_millis(10) && retry_after > Duration::ZERO,
+                    "{retry_after:?}"
+                );
+                assert_eq!(
+                    ceil_secs(retry_after),
+                    1,
+                    "Retry-After is whole seconds, at least 1"
+                );
+                assert_eq!(headers.state, "\"orders\";r=0;t=1");
+            }
+            other => panic!("{other:?}"),
+        }
+        tokio::time::advance(Duration::from_millis(10)).await;
+        assert!(
+            matches!(limiter.check(&c), Decision::Allowed { .. }),
+            "a token came back after 10 ms"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_keys_are_evicted() {
+        let limiter = Limiter::new(
+            "r",
+            &limit("{rate: 100/s, burst: 5, key: sourceIp}"),
+            Counter::default(),
+        );
+        let none = http::HeaderMap::new();
+        for i in 0..5000u32 {
+            let c = caller([10, 1, (i >> 8) as u8, (i & 0xff) as u8], None, &none);
+            limiter.check(&c);
+        }
+        assert!(limiter.tracked_keys() > 900, "recent keys are tracked");
+        // Once every bucket has refilled, the next sweep forgets them.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        for _ in 0..EVICT_EVERY {
+            limiter.check(&caller([10, 2, 0, 1], None, &none));
+        }
+        assert!(
+            limiter.tracked_keys() < 10,
+            "{} keys still tracked",
+            limiter.tracked_keys()
+        );
+    }
+}

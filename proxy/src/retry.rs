@@ -1,0 +1,391 @@
+//! Retries: a failed attempt is sent again when the route's policy says the failure is
+//! retriable, the method is safe to repeat, the body could be kept for replay, and the
+//! route's retry budget allows it. Attempts wait an exponential backoff with full jitter (or
+//! the upstream's `Retry-After`), each under the per-try timeout; the route timeout, applied
+//! outside this stage, bounds them all. A response is only ever retried before it is returned,
+//! so no byte of a failed attempt reaches the client.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderValue, Method, Request, Response};
+use http_body::{Body as _, Frame};
+use http_body_util::BodyExt;
+use prometheus_client::metrics::counter::Counter;
+use sidemesh_config::{GrpcCode, RetryOn, RetryPolicy};
+use tower::Service;
+
+use crate::body::{self, Body, BoxError, ResponseFuture};
+use crate::forward::Destination;
+use crate::ratelimit::ClientAddr;
+use crate::respond::ProxyError;
+
+/// Sent upstream with each attempt's number (1, 2, ...).
+pub const ATTEMPT_HEADER: &str = "x-sidemesh-attempt";
+
+/// A route's retry policy with its budget and counters.
+#[derive(Debug)]
+pub struct RetryState {
+    pub policy: RetryPolicy,
+    /// The route's timeout: a `Retry-After` longer than this is not waited for.
+    pub route_timeout: Option<Duration>,
+    budget: Budget,
+    pub retries: Counter,
+    pub budget_exhausted: Counter,
+}
+
+impl RetryState {
+    pub fn new(
+        policy: RetryPolicy,
+        route_timeout: Option<Duration>,
+        retries: Counter,
+        budget_exhausted: Counter,
+    ) -> Self {
+        Self {
+            budget: Budget::new(
+                policy.budget.ratio,
+                policy.budget.min_per_second,
+                policy.budget.window.get(),
+            ),
+            policy,
+            route_timeout,
+            retries,
+            budget_exhausted,
+        }
+    }
+}
+
+/// Retries allowed: `min_per_second x window` plus `ratio x requests` over a sliding window
+/// (ten buckets), so retries cannot multiply an outage.
+#[derive(Debug)]
+struct Budget {
+    ratio: f64,
+    min_per_second: u32,
+    window: Duration,
+    buckets: Mutex<VecDeque<(tokio::time::Instant, u64, u64)>>,
+}
+
+impl Budget {
+    fn new(ratio: f64, min_per_second: u32, window: Duration) -> Self {
+        Self {
+            ratio,
+            min_per_second,
+            window,
+            buckets: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    fn with_bucket<T>(
+        &self,
+        f: impl FnOnce(&mut (tokio::time::Instant, u64, u64), (u64, u64)) -> T,
+    ) -> T {
+        let now = tokio::time::Instant::now();
+        let width = self.window / 10;
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        while buckets
+            .front()
+            .is_some_and(|(t, _, _)| now.duration_since(*t) >= self.window)
+        {
+            buckets.pop_front();
+        }
+        if buckets
+            .back()
+            .is_none_or(|(t, _, _)| now.duration_since(*t) >= width)
+        {
+            buckets.push_back((now, 0, 0));
+        }
+        let totals = buckets
+            .iter()
+            .fold((0, 0), |(r, x), (_, req, ret)| (r + req, x + ret));
+        let last = buckets.back_mut().expect("a bucket was just ensured");
+        f(last, totals)
+    }
+
+    fn record_request(&self) {
+        self.with_bucket(|b, _| b.1 += 1);
+    }
+
+    /// Takes one retry from the budget if there is one.
+    fn try_retry(&self) -> bool {
+        let floor = f64::from(self.min_per_second) * self.window.as_secs_f64();
+        let ratio = self.ratio;
+        self.with_bucket(|b, (requests, retries)| {
+            let allowed = floor + ratio * requests as f64;
+            if (retries as f64) < allowed {
+                b.2 += 1;
+                true
+            } else {
+                false
+            }
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RetryLayer;
+
+impl<S> tower::Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Retry { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Retry<S> {
+    inner: S,
+}
+
+impl<S> Service<Request<Body>> for Retry<S>
+where
+    S: Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = ProxyError,
+            Future = ResponseFuture,
+        > + Clone
+        + Send
+        + 'static,
+{
+    type Response = Response<Body>;
+    type Error = ProxyError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> ResponseFuture {
+        let state = match req.extensions().get::<Destination>() {
+            Some(Destination::Route(route)) => route.retry.clone(),
+            _ => None,
+        };
+        match state {
+            None => self.inner.call(req),
+            Some(state) => Box::pin(with_retries(self.inner.clone(), state, req)),
+        }
+    }
+}
+
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+async fn with_retries<S>(
+    mut inner: S,
+    state: Arc<RetryState>,
+    req: Request<Body>,
+) -> Result<Response<Body>, ProxyError>
+where
+    S: Service<
+            Request<Body>,
+            Response = Response<Body>,
+            Error = ProxyError,
+            Future = ResponseFuture,
+        >,
+{
+    state.budget.record_request();
+    let policy = &state.policy;
+    // An upgrade's connection handle lives in this request's extensions: it is never replayed.
+    let upgrade = crate::headers::is_upgrade(req.headers());
+    if upgrade || !(policy.non_idempotent || idempotent(req.method())) || policy.attempts <= 1 {
+        return inner.call(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    let limit = usize::try_from(policy.buffer_limit.bytes()).unwrap_or(usize::MAX);
+    let replay = match buffer(body, limit).await? {
+        Ok(bytes) => bytes,
+        Err(streaming) => {
+            // Too large to keep: sent once, as a stream.
+            return inner.call(Request::from_parts(parts, streaming)).await;
+        }
+    };
+    let destination = parts.extensions.get::<Destination>().cloned();
+    let client = parts.extensions.get::<ClientAddr>().copied();
+    for attempt in 1..=policy.attempts {
+        let mut req = Request::new(body::full(replay.clone()));
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = parts.uri.clone();
+        *req.version_mut() = parts.version;
+        *req.headers_mut() = parts.headers.clone();
+        req.headers_mut()
+            .insert(ATTEMPT_HEADER, HeaderValue::from(attempt));
+        if let Some(d) = &destination {
+            req.extensions_mut().insert(d.clone());
+        }
+        if let Some(c) = client {
+            req.extensions_mut().insert(c);
+        }
+        let result = match policy.per_try_timeout {
+            Some(limit) => tokio::time::timeout(limit.get(), inner.call(req))
+                .await
+                .unwrap_or(Err(ProxyError::Timeout { after: limit.get() })),
+            None => inner.call(req).await,
+        };
+        if attempt == policy.attempts || !retriable(&result, &policy.retry_on) {
+            return result;
+        }
+        let wait = match retry_after(&result) {
+            Some(wait) if state.route_timeout.is_some_and(|t| wait >= t) => return result,
+            Some(wait) => wait,
+            None => backoff(policy, attempt),
+        };
+        if !state.budget.try_retry() {
+            state.budget_exhausted.inc();
+            tracing::debug!(attempt, "retry budget exhausted; returning the failure");
+            return result;
+        }
+        state.retries.inc();
+        drop(result);
+        tokio::time::sleep(wait).await;
+    }
+    unreachable!("the last attempt always returns")
+}
+
+/// Full jitter: a uniform wait between 0 and `min(max, base x 2^(attempt-1))`.
+fn backoff(policy: &RetryPolicy, attempt: u32) -> Duration {
+    let ceiling = policy
+        .backoff_base
+        .get()
+        .saturating_mul(1 << attempt.saturating_sub(1).min(20))
+        .min(policy.backoff_max.get());
+    ceiling.mul_f64(fastrand::f64())
+}
+
+/// `Retry-After` (seconds) of an upstream 429 or 503.
+fn retry_after(result: &Result<Response<Body>, ProxyError>) -> Option<Duration> {
+    let resp = result.as_ref().ok()?;
+    if !matches!(resp.status().as_u16(), 429 | 503) {
+        return None;
+    }
+    let secs: u64 = resp
+        .headers()
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(secs))
+}
+
+fn retriable(result: &Result<Response<Body>, ProxyError>, retry_on: &[RetryOn]) -> bool {
+    let status = match result {
+        Ok(resp) => resp.status().as_u16(),
+        Err(ProxyError::Timeout { .. }) => 504,
+        Err(ProxyError::Connect { .. }) => return retry_on.contains(&RetryOn::ConnectFailure),
+        Err(ProxyError::Upstream { .. }) => return retry_on.contains(&RetryOn::Reset),
+        Err(_) => return false,
+    };
+    let grpc = result
+        .as_ref()
+        .ok()
+        .and_then(|r| r.headers().get("grpc-status"))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok());
+    retry_on.iter().any(|on| match on {
+        RetryOn::ServerError => status >= 500,
+        RetryOn::GatewayError => matches!(status, 502..=504),
+        RetryOn::Status(code) => status == *code,
+        RetryOn::Grpc(code) => grpc == Some(grpc_number(*code)),
+        RetryOn::ConnectFailure | RetryOn::Reset => false,
+    })
+}
+
+fn grpc_number(code: GrpcCode) -> i32 {
+    code as i32
+}
+
+/// Reads the body into memory if it fits in `limit`; otherwise gives back a body that replays
+/// what was read and streams the rest (that request is not retried).
+async fn buffer(mut body: Body, limit: usize) -> Result<Result<Bytes, Body>, ProxyError> {
+    if body.size_hint().lower() > limit as u64 {
+        return Ok(Err(body));
+    }
+    let mut kept = BytesMut::new();
+    loop {
+        match body.frame().await {
+            None => return Ok(Ok(kept.freeze())),
+            Some(Err(e)) => {
+                return Err(ProxyError::BadRequest {
+                    why: format!("request body: {e}"),
+                });
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) if kept.len() + data.len() <= limit => kept.extend_from_slice(&data),
+                Ok(data) => {
+                    kept.extend_from_slice(&data);
+                    return Ok(Err(
+                        Prefixed::new(vec![Frame::data(kept.freeze())], body).boxed_unsync()
+                    ));
+                }
+                Err(trailers) => {
+                    // Request trailers are rare; such a body is passed on once, as it came.
+                    let frames = vec![Frame::data(kept.freeze()), trailers];
+                    return Ok(Err(Prefixed::new(frames, body).boxed_unsync()));
+                }
+            },
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Frames already read, then the rest of the body.
+    struct Prefixed {
+        frames: VecDeque<Frame<Bytes>>,
+        #[pin]
+        rest: Body,
+    }
+}
+
+impl Prefixed {
+    fn new(frames: Vec<Frame<Bytes>>, rest: Body) -> Self {
+        Self {
+            frames: frames.into(),
+            rest,
+        }
+    }
+}
+
+impl http_body::Body for Prefixed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        if let Some(frame) = this.frames.pop_front() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        this.rest.poll_frame(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_allows_the_floor_plus_a_share_of_requests() {
+        // 20% of requests plus 1 a second over 10 s.
+        let budget = Budget::new(0.2, 1, Duration::from_secs(10));
+        for _ in 0..100 {
+            budget.record_request();
+        }
+        let allowed = (0..100).filter(|_| budget.try_retry()).count();
+        assert_eq!(allowed, 30, "10 (floor: 1/s x 10 s) + 20 (20% of 100)");
+        // Once the window has passed, the budget is back.
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(budget.try_retry());
+    }
+}
