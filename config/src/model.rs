@@ -208,6 +208,27 @@ impl Mesh {
         self.services.iter().find(|s| &s.id == id)
     }
 
+    /// The service `reference` names: `name.namespace`, or a bare `name` that is unique in
+    /// the mesh or, among several namespaces, is in `namespace_hint`.
+    pub fn find_service(&self, reference: &str, namespace_hint: Option<&str>) -> Option<&Service> {
+        let (name, namespace) = match reference.split_once('.') {
+            Some((n, ns)) => (n, Some(ns)),
+            None => (reference, None),
+        };
+        let mut found = self
+            .services
+            .iter()
+            .filter(|s| s.id.name == name && namespace.is_none_or(|ns| s.id.namespace == ns));
+        let first = found.next()?;
+        match found.next() {
+            None => Some(first),
+            Some(second) => [first, second]
+                .into_iter()
+                .chain(found)
+                .find(|s| namespace_hint.is_some_and(|hint| s.id.namespace == hint)),
+        }
+    }
+
     /// Routes governing calls to `service`, in the order they were written.
     pub fn routes_for<'a>(&'a self, service: &'a ServiceId) -> impl Iterator<Item = &'a Route> {
         self.routes.iter().filter(move |r| &r.service == service)

@@ -22,24 +22,10 @@ pub struct View {
 }
 
 fn resolve(config: &ConfigVersion, name: &str, namespace_hint: &str) -> Option<ServiceId> {
-    let (n, ns) = match name.split_once('.') {
-        Some((n, ns)) => (n, Some(ns)),
-        None => (name, None),
-    };
-    let matches: Vec<&ServiceId> = config
+    config
         .mesh
-        .services
-        .iter()
-        .map(|s| &s.id)
-        .filter(|id| id.name == n && ns.is_none_or(|ns| id.namespace == ns))
-        .collect();
-    match matches.as_slice() {
-        [one] => Some((*one).clone()),
-        many => many
-            .iter()
-            .find(|id| id.namespace == namespace_hint)
-            .map(|id| (*id).clone()),
-    }
+        .find_service(name, Some(namespace_hint))
+        .map(|s| s.id.clone())
 }
 
 /// Computes `proxy`'s view of `config` with the registered `endpoints`.

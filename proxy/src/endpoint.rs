@@ -184,23 +184,7 @@ impl Endpoint {
     ) -> Result<Response<Incoming>, ProxyError> {
         let mut sender = match self.checkout_h1(pool) {
             Some(sender) => sender,
-            None => {
-                let io = self.connect(pool).await?;
-                let (sender, conn) =
-                    http1::Builder::new()
-                        .handshake(io)
-                        .await
-                        .map_err(|e| ProxyError::Connect {
-                            endpoint: self.addr,
-                            reason: e.to_string(),
-                        })?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.with_upgrades().await {
-                        tracing::debug!(error = %e, "upstream HTTP/1 connection ended");
-                    }
-                });
-                sender
-            }
+            None => self.connect_h1(pool).await?,
         };
         let resp = sender
             .send_request(req)
@@ -221,6 +205,25 @@ impl Endpoint {
             }
         });
         Ok(resp)
+    }
+
+    /// A new HTTP/1.1 connection (upgrades allowed), driven by its own task.
+    async fn connect_h1(&self, pool: &PoolConfig) -> Result<http1::SendRequest<Body>, ProxyError> {
+        let io = self.connect(pool).await?;
+        let (sender, conn) =
+            http1::Builder::new()
+                .handshake(io)
+                .await
+                .map_err(|e| ProxyError::Connect {
+                    endpoint: self.addr,
+                    reason: e.to_string(),
+                })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream HTTP/1 connection ended");
+            }
+        });
+        Ok(sender)
     }
 
     fn checkout_h1(&self, pool: &PoolConfig) -> Option<http1::SendRequest<Body>> {
@@ -285,20 +288,7 @@ impl Endpoint {
         req: Request<Body>,
         pool: &PoolConfig,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let io = self.connect(pool).await?;
-        let (mut sender, conn) =
-            http1::Builder::new()
-                .handshake(io)
-                .await
-                .map_err(|e| ProxyError::Connect {
-                    endpoint: self.addr,
-                    reason: e.to_string(),
-                })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream upgraded connection ended");
-            }
-        });
+        let mut sender = self.connect_h1(pool).await?;
         sender
             .send_request(req)
             .await

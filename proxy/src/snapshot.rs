@@ -238,18 +238,7 @@ impl Snapshot {
 }
 
 fn find_service(mesh: &Mesh, name: &str) -> Option<ServiceId> {
-    let (n, ns) = match name.split_once('.') {
-        Some((n, ns)) => (n, Some(ns)),
-        None => (name, None),
-    };
-    let mut found = mesh
-        .services
-        .iter()
-        .filter(|s| s.id.name == n && ns.is_none_or(|ns| s.id.namespace == ns));
-    match (found.next(), found.next()) {
-        (Some(s), None) => Some(s.id.clone()),
-        _ => None,
-    }
+    mesh.find_service(name, None).map(|s| s.id.clone())
 }
 
 /// Sort key, most specific first: an exact authority, then a wildcard one, then none; then

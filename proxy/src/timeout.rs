@@ -50,7 +50,10 @@ where
             Some(Destination::Route(route)) => route.timeout(),
             _ => None,
         };
-        let caller = req.headers().get("grpc-timeout").and_then(|v| grpc_timeout(v.as_bytes()));
+        let caller = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| grpc_timeout(v.as_bytes()));
         let limit = match (route, caller) {
             (Some(r), Some(c)) => Some(r.min(c)),
             (r, c) => r.or(c),

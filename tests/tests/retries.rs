@@ -230,13 +230,37 @@ async fn retry_after_from_the_upstream_is_respected() {
 #[tokio::test]
 async fn a_grpc_timeout_header_shortens_the_route_timeout() {
     let echo = EchoServer::start("echo").await;
-    let proxy = TestProxy::start(&mesh(echo.addr, "    timeout: 5s\n"), "client", &["app"], |_| {}).await;
+    let proxy = TestProxy::start(
+        &mesh(echo.addr, "    timeout: 5s\n"),
+        "client",
+        &["app"],
+        |_| {},
+    )
+    .await;
     let started = Instant::now();
-    let resp = http(Method::GET, &proxy.url("app", "/slow/3000"), None, &[("grpc-timeout", "200m")]).await.expect("GET");
+    let resp = http(
+        Method::GET,
+        &proxy.url("app", "/slow/3000"),
+        None,
+        &[("grpc-timeout", "200m")],
+    )
+    .await
+    .expect("GET");
     assert_eq!(resp.status, StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(resp.headers["x-sidemesh-error"], "request-timeout");
-    assert!(started.elapsed() < Duration::from_secs(1), "the caller's 200 ms deadline applied: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the caller's 200 ms deadline applied: {:?}",
+        started.elapsed()
+    );
     // A longer grpc-timeout does not lengthen the route's.
-    let ok = http(Method::GET, &proxy.url("app", "/slow/10"), None, &[("grpc-timeout", "1H")]).await.expect("GET");
+    let ok = http(
+        Method::GET,
+        &proxy.url("app", "/slow/10"),
+        None,
+        &[("grpc-timeout", "1H")],
+    )
+    .await
+    .expect("GET");
     assert_eq!(ok.status, StatusCode::OK);
 }
