@@ -46,6 +46,52 @@ impl Clock for TokioClock {
 type Direct = RateLimiter<NotKeyed, InMemoryState, TokioClock, StateInformationMiddleware>;
 type Keyed = RateLimiter<String, DashMapStateStore<String>, TokioClock, StateInformationMiddleware>;
 
+/// A per-key override: its own bucket, rate and policy header.
+#[derive(Debug)]
+struct Override {
+    limiter: Direct,
+    rate: Rate,
+    burst: u32,
+    policy: HeaderValue,
+}
+
+fn policy_header(name: &str, rate: Rate) -> HeaderValue {
+    header(&format!(
+        "\"{name}\";q={};w={}",
+        rate.count(),
+        window_secs(rate)
+    ))
+}
+
+/// `"name";r=<remaining>;t=<seconds>`, built without the formatting machinery: it is made
+/// for every request through a limited route.
+fn state_header(name: &str, remaining: u32, secs: u64) -> HeaderValue {
+    let mut s = String::with_capacity(name.len() + 32);
+    s.push('"');
+    s.push_str(name);
+    s.push_str("\";r=");
+    push_number(&mut s, u64::from(remaining));
+    s.push_str(";t=");
+    push_number(&mut s, secs);
+    header(&s)
+}
+
+fn push_number(s: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[i..] {
+        s.push(char::from(d));
+    }
+}
+
 /// One configured limit (a route's or a service's inbound limit).
 #[derive(Debug)]
 pub struct Limiter {
@@ -54,7 +100,9 @@ pub struct Limiter {
     clock: TokioClock,
     shared: Direct,
     keyed: Keyed,
-    overrides: HashMap<String, (Direct, Rate, u32)>,
+    /// `RateLimit-Policy` of the main limit; fixed, so made once.
+    policy: HeaderValue,
+    overrides: HashMap<String, Override>,
     checks: AtomicU64,
     limited: Counter,
 }
@@ -115,6 +163,7 @@ impl Limiter {
                 .with_middleware::<StateInformationMiddleware>(),
             keyed: RateLimiter::dashmap_with_clock(q, clock.clone())
                 .with_middleware::<StateInformationMiddleware>(),
+            policy: policy_header(name, spec.rate),
             overrides: spec
                 .overrides
                 .iter()
@@ -122,7 +171,13 @@ impl Limiter {
                     let limiter =
                         RateLimiter::direct_with_clock(quota(o.rate, o.burst), clock.clone())
                             .with_middleware::<StateInformationMiddleware>();
-                    (o.key.clone(), (limiter, o.rate, o.burst))
+                    let over = Override {
+                        limiter,
+                        rate: o.rate,
+                        burst: o.burst,
+                        policy: policy_header(name, o.rate),
+                    };
+                    (o.key.clone(), over)
                 })
                 .collect(),
             clock,
@@ -158,46 +213,37 @@ impl Limiter {
 
     pub fn check(&self, caller: &Caller<'_>) -> Decision {
         let key = self.key(caller);
-        let (outcome, rate, burst) = match key.as_deref().and_then(|k| self.overrides.get(k)) {
-            Some((limiter, rate, burst)) => (
-                limiter.check().map(|s| s.remaining_burst_capacity()),
-                *rate,
-                *burst,
-            ),
-            None => {
-                let outcome = match &key {
-                    None => self.shared.check().map(|s| s.remaining_burst_capacity()),
-                    Some(k) => {
-                        self.evict_idle_keys();
-                        self.keyed
-                            .check_key(k)
-                            .map(|s| s.remaining_burst_capacity())
-                    }
-                };
-                (outcome, self.spec.rate, self.spec.burst)
-            }
-        };
-        let policy = HeaderValue::from_str(&format!(
-            "\"{}\";q={};w={}",
-            self.name,
-            rate.count(),
-            window_secs(rate)
-        ))
-        .unwrap_or(HeaderValue::from_static("\"default\""));
-        let period = quota(rate, burst).replenish_interval();
+        let (outcome, rate, burst, policy) =
+            match key.as_deref().and_then(|k| self.overrides.get(k)) {
+                Some(o) => (
+                    o.limiter.check().map(|s| s.remaining_burst_capacity()),
+                    o.rate,
+                    o.burst,
+                    &o.policy,
+                ),
+                None => {
+                    let outcome = match &key {
+                        None => self.shared.check().map(|s| s.remaining_burst_capacity()),
+                        Some(k) => {
+                            self.evict_idle_keys();
+                            self.keyed
+                                .check_key(k)
+                                .map(|s| s.remaining_burst_capacity())
+                        }
+                    };
+                    (outcome, self.spec.rate, self.spec.burst, &self.policy)
+                }
+            };
         match outcome {
             Ok(remaining) => {
                 // Seconds until the bucket is full again.
+                let period = quota(rate, burst).replenish_interval();
                 let refill = period.saturating_mul(burst.saturating_sub(remaining));
                 Decision::Allowed {
                     remaining,
                     headers: RateHeaders {
-                        policy,
-                        state: header(&format!(
-                            "\"{}\";r={remaining};t={}",
-                            self.name,
-                            ceil_secs(refill)
-                        )),
+                        policy: policy.clone(),
+                        state: state_header(&self.name, remaining, ceil_secs(refill)),
                     },
                 }
             }
@@ -207,8 +253,8 @@ impl Limiter {
                 Decision::Limited {
                     retry_after: wait,
                     headers: RateHeaders {
-                        policy,
-                        state: header(&format!("\"{}\";r=0;t={}", self.name, ceil_secs(wait))),
+                        policy: policy.clone(),
+                        state: state_header(&self.name, 0, ceil_secs(wait)),
                     },
                 }
             }

@@ -307,6 +307,9 @@ fn grpc_number(code: GrpcCode) -> i32 {
 /// Reads the body into memory if it fits in `limit`; otherwise gives back a body that replays
 /// what was read and streams the rest (that request is not retried).
 async fn buffer(mut body: Body, limit: usize) -> Result<Result<Bytes, Body>, ProxyError> {
+    if body.is_end_stream() {
+        return Ok(Ok(Bytes::new()));
+    }
     if body.size_hint().lower() > limit as u64 {
         return Ok(Err(body));
     }
