@@ -121,3 +121,48 @@ fn readme_documents_every_field() {
          `cargo run -p sidemesh-control-plane --bin sidemesh -- schema --markdown`"
     );
 }
+
+/// A ConfigMap volume: `..2026_11_21_x/mesh.yaml`, `..data -> ..2026_11_21_x`, and
+/// `mesh.yaml -> ..data/mesh.yaml`; an update swaps `..data` atomically to a new folder.
+#[cfg(unix)]
+#[test]
+fn a_configmap_volume_is_read_through_its_symlinks_and_follows_a_swap() {
+    use std::os::unix::fs::symlink;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    let doc = |timeout: &str| {
+        format!(
+            "apiVersion: sidemesh.io/v1\nkind: Mesh\nservices:\n  - name: a\n    ports: [{{port: 80}}]\nroutes:\n  - name: r\n    service: a\n    timeout: {timeout}\n"
+        )
+    };
+    std::fs::create_dir(root.join("..2026_11_21_1")).expect("mkdir");
+    std::fs::write(root.join("..2026_11_21_1/mesh.yaml"), doc("1s")).expect("write");
+    symlink("..2026_11_21_1", root.join("..data")).expect("symlink");
+    symlink("..data/mesh.yaml", root.join("mesh.yaml")).expect("symlink");
+
+    let sources = sidemesh_config::read_sources(root).expect("read");
+    assert_eq!(
+        sources.len(),
+        1,
+        "hidden ..data and ..timestamp entries are skipped"
+    );
+    let mesh = sidemesh_config::validate(&sources).expect("valid");
+    assert_eq!(
+        mesh.routes[0].timeout.map(|t| t.to_string()).as_deref(),
+        Some("1s")
+    );
+
+    // kubelet's update: a new timestamped folder, then an atomic rename of a new `..data` link.
+    std::fs::create_dir(root.join("..2026_11_21_2")).expect("mkdir");
+    std::fs::write(root.join("..2026_11_21_2/mesh.yaml"), doc("2s")).expect("write");
+    symlink("..2026_11_21_2", root.join("..data_tmp")).expect("symlink");
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).expect("swap");
+    std::fs::remove_dir_all(root.join("..2026_11_21_1")).expect("cleanup");
+
+    let mesh = load(root).expect("valid after the swap");
+    assert_eq!(
+        mesh.routes[0].timeout.map(|t| t.to_string()).as_deref(),
+        Some("2s")
+    );
+}
