@@ -490,6 +490,8 @@ def write_report(args, results, grpc, idle_before, idle_after):
     rounds = args.rounds
     lines = []
     w = lines.append
+    w("## Data plane")
+    w("")
     w("Produced by `bench/run.sh --only data-plane` (" + " ".join(f"--{k} {v}" for k, v in
       [("rounds", args.rounds), ("seconds", args.seconds), ("connections", args.connections),
        ("rate", args.rate), ("idle", args.idle)]) + f") on {time.strftime('%Y-%m-%d')}, "
@@ -500,7 +502,7 @@ def write_report(args, results, grpc, idle_before, idle_after):
       f"Each figure is the median of {rounds} interleaved rounds, with the spread (min-max) in brackets. "
       "CPU is the proxies' own CPU time per request (both proxies of a pair), from /proc.")
     w("")
-    w("## HTTP/1.1")
+    w("### HTTP/1.1")
     w("")
     w(f"Throughput: `wrk -t1 -c{args.connections} -d{args.seconds}s`. Latency: `bench-latency --rate {args.rate}` "
       "(open loop, measured from each request's scheduled time).")
@@ -533,7 +535,7 @@ def write_report(args, results, grpc, idle_before, idle_after):
       "direct; at this rate the p99 of both is dominated by the shared machine's noise, see the spread), with "
       f"{statistics.median(sm['rss_load']) / 2:.1f} MiB peak RSS per proxy.")
     w("")
-    w("## gRPC")
+    w("### gRPC")
     w("")
     w("`h2load -n 40000 -c 4 -m 16` of `demo.users.v1.UserService/GetUser` against the demo user-service.")
     w("")
@@ -544,7 +546,7 @@ def write_report(args, results, grpc, idle_before, idle_after):
         w(f"| {kind} | {fmt_spread(r['rps'])} | {fmt_spread(ratio, '{:.2f}')} | "
           f"{fmt_spread(r['cpu_us'], '{:.1f}') if kind != 'direct' else '-'} |")
     w("")
-    w("## Idle connections")
+    w("### Idle connections")
     w("")
     per_conn = (idle_after - idle_before) / args.idle
     w(f"One proxy holding {args.idle} idle keep-alive client connections (each made one request): RSS "
