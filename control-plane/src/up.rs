@@ -1,8 +1,9 @@
-//! `sidemesh up`: the whole demo on one machine, no Kubernetes, no containers.
+//! `sidemesh up`: the whole mesh on one machine, no Kubernetes, no containers, in one process.
 //!
-//! Today it runs user-service and order-service with a light load in one process, after
-//! validating the routing config (the embedded `demo.yaml` unless `--config` names another).
-//! The control plane and the proxies join as they are built; the command stays the same.
+//! The control plane serves the routing config (the embedded `demo.yaml`, or the folder or file
+//! `--config` names, watched for edits); each demo service gets its own proxy in explicit mode;
+//! a light load flows loadgen -> order-service's proxy -> order-service -> its proxy ->
+//! user-service's proxy -> user-service. (mTLS and traces join with their issues.)
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,21 +46,102 @@ pub struct UpArgs {
     pub otlp: Option<String>,
 }
 
+/// Runs a proxy in control-plane mode for `service` in front of `app`.
+async fn proxy(
+    control_plane: SocketAddr,
+    service: &str,
+    app: SocketAddr,
+    upstreams: &[&str],
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<(
+    sidemesh_proxy::app::Addrs,
+    std::sync::Arc<sidemesh_proxy::app::Proxy>,
+    tokio::task::JoinHandle<()>,
+)> {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut args = sidemesh_proxy::config::Args::local(PathBuf::new(), service);
+    args.config = None;
+    args.control_plane = Some(format!("http://{control_plane}"));
+    args.proxy_id = Some(format!(
+        "{}-1",
+        service.split('.').next().unwrap_or(service)
+    ));
+    args.app = Some(app);
+    args.inbound = any;
+    args.upstreams = upstreams.iter().map(|s| (s.to_string(), any)).collect();
+    args.timeouts.drain = Duration::from_secs(1);
+    let app = sidemesh_proxy::app::build(args).await?;
+    let (addrs, state) = (app.addrs.clone(), app.proxy().clone());
+    let mut stop = stop;
+    let task = tokio::spawn(app.run(async move {
+        let _ = stop.wait_for(|s| *s).await;
+    }));
+    Ok((addrs, state, task))
+}
+
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    let mesh = match &args.config {
-        Some(path) => sidemesh_config::load(path)?,
-        None => sidemesh_config::parse_str("demo.yaml (embedded)", DEMO_YAML)?,
+    // The control plane watches a folder: the operator's, or a copy of the embedded demo.
+    let scratch = tempfile::tempdir()?;
+    let config = match &args.config {
+        Some(path) => path.clone(),
+        None => {
+            std::fs::write(scratch.path().join("demo.yaml"), DEMO_YAML)?;
+            scratch.path().to_path_buf()
+        }
     };
+    let mesh = sidemesh_config::load(&config)?;
     let telemetry = Telemetry::init("sidemesh-up", args.otlp.as_deref(), LogFormat::Text, "warn")?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let cp = crate::server::build(crate::server::Args {
+        config: config.clone(),
+        listen: any,
+        admin: any,
+        poll: Duration::from_millis(100),
+        debounce: Duration::from_millis(100),
+        disconnect_grace: Duration::from_secs(10),
+        startup_grace: Duration::from_secs(5),
+        log_format: "text".into(),
+    })
+    .await?;
+    let (cp_grpc, cp_admin) = (cp.grpc_addr, cp.admin_addr);
+    let cp_task = tokio::spawn(cp.run(stopped(stop_rx.clone())));
 
     let users_listener = server::bind(args.users_addr).await?;
     let orders_listener = server::bind(args.orders_addr).await?;
     let users_addr = users_listener.local_addr()?;
     let orders_addr = orders_listener.local_addr()?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
+    let (user_proxy, _, user_proxy_task) = proxy(
+        cp_grpc,
+        "user-service.demo",
+        users_addr,
+        &[],
+        stop_rx.clone(),
+    )
+    .await?;
+    let (order_proxy, order_state, order_proxy_task) = proxy(
+        cp_grpc,
+        "order-service.demo",
+        orders_addr,
+        &["user-service"],
+        stop_rx.clone(),
+    )
+    .await?;
+    let user_inbound = user_proxy
+        .inbound
+        .ok_or_else(|| anyhow::anyhow!("user-service's proxy has no inbound listener"))?;
+    let order_inbound = order_proxy
+        .inbound
+        .ok_or_else(|| anyhow::anyhow!("order-service's proxy has no inbound listener"))?;
+    let to_users = order_proxy
+        .upstreams
+        .first()
+        .map(|(_, a)| *a)
+        .ok_or_else(|| anyhow::anyhow!("order-service's proxy has no user-service listener"))?;
 
     let user_app = users::app(
         users::Directory::with_demo_users(),
@@ -70,40 +152,72 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         user_app,
         stopped(stop_rx.clone()),
     ));
-    let channel = orders::user_service_channel(&format!("http://{users_addr}"))?;
+    let channel = orders::user_service_channel(&format!("http://{to_users}"))?;
     let order_app = orders::app(channel, Arc::new(Faults::none()));
     let orders_task = tokio::spawn(server::serve(orders_listener, order_app, stopped(stop_rx)));
+
+    // Ready once order-service's proxy knows user-service's proxy as its endpoint.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let snapshot = order_state.snapshot.load();
+        let found = snapshot
+            .mesh
+            .services
+            .iter()
+            .any(|s| s.id.name == "user-service" && s.endpoints.contains(&user_inbound));
+        if found {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the proxies did not get their config from the control plane within 15s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     let config_name = args.config.as_ref().map_or_else(
         || "demo.yaml (embedded)".to_string(),
         |p| p.display().to_string(),
     );
-    println!(
-        "Sidemesh up: demo services with a light load (the mesh's control plane and proxies are not in this build yet)"
-    );
+    println!("Sidemesh up: control plane, a proxy per service, demo services, light load");
     println!(
         "  config         {config_name}: {}",
         summary::one_line(&mesh)
     );
     println!(
-        "  user-service   http://{users_addr}   (HTTP /users and gRPC demo.users.v1.UserService)"
+        "  control plane  grpc {cp_grpc}, admin http://{cp_admin}   (sidemesh status --control-plane http://{cp_admin})"
     );
-    println!("  order-service  http://{orders_addr}   (HTTP /orders)");
+    println!(
+        "  user-service   http://{users_addr}   proxy inbound {user_inbound}, admin http://{}",
+        user_proxy.admin
+    );
+    println!(
+        "  order-service  http://{orders_addr}   proxy inbound {order_inbound}, admin http://{}",
+        order_proxy.admin
+    );
+    println!(
+        "  path           loadgen -> order-service's proxy -> order-service -> its proxy -> user-service's proxy -> user-service"
+    );
     match &args.otlp {
-        Some(endpoint) => println!("  traces         exported to {endpoint}"),
+        Some(endpoint) => println!("  traces         the demo services export to {endpoint}"),
         None => println!(
             "  traces         not exported; pass --otlp http://127.0.0.1:4317 to send them to Jaeger"
         ),
     }
+    if args.config.is_some() {
+        println!(
+            "  edits          change {config_name} and the proxies follow; `sidemesh status` shows the push"
+        );
+    }
     println!(
-        "  load           {} req/s to order-service; Ctrl-C stops everything",
+        "  load           {} req/s; Ctrl-C stops everything",
         args.rate
     );
     println!();
 
     let load = loadgen::run(
         LoadgenArgs {
-            target: format!("http://{orders_addr}"),
+            target: format!("http://{order_inbound}"),
             rate: args.rate,
             duration: args.duration,
             max_in_flight: 256,
@@ -120,6 +234,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     for task in [users_task, orders_task] {
         task.await??;
     }
+    for task in [user_proxy_task, order_proxy_task] {
+        task.await?;
+    }
+    cp_task.await??;
     telemetry.shutdown();
     println!("stopped");
     outcome
