@@ -34,26 +34,34 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
 /// kept (gRPC needs it); an upgrade keeps `Connection: upgrade` and `Upgrade`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let upgrade = is_upgrade(headers);
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(upgrade && n == header::UPGRADE))
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+    // Most requests (and every HTTP/2 one) have no `Connection` header: no list to build.
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !(upgrade && n == header::UPGRADE))
+            .collect();
+        for name in &named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
-    let te_trailers = headers.get(header::TE).is_some_and(|v| {
-        v.to_str().is_ok_and(|s| {
-            s.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        })
-    });
-    headers.remove(header::TE);
-    if te_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    if let Some(te) = headers.get(header::TE) {
+        if te.as_bytes() != b"trailers" {
+            let trailers = te.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
+            headers.remove(header::TE);
+            if trailers {
+                headers.insert(header::TE, HeaderValue::from_static("trailers"));
+            }
+        }
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -82,6 +90,16 @@ pub fn authority(parts: &Parts) -> Option<&str> {
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
     })
+}
+
+/// `host` in lowercase, copied only when it has uppercase letters (hosts are case-insensitive;
+/// config keys are lowercase).
+pub fn lowercase(host: &str) -> std::borrow::Cow<'_, str> {
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(host)
+    }
 }
 
 /// The host part of an authority, without port, lowercase comparison left to the caller.
@@ -168,6 +186,27 @@ mod tests {
         strip_hop_by_hop(&mut ws);
         assert_eq!(ws[header::CONNECTION], "upgrade");
         assert_eq!(ws[header::UPGRADE], "websocket");
+    }
+
+    #[test]
+    fn te_trailers_alone_is_kept_and_other_te_values_go() {
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h[header::TE], "trailers");
+        let mut h = HeaderMap::new();
+        h.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(!h.contains_key(header::TE));
+    }
+
+    #[test]
+    fn hosts_are_lowercased_only_when_needed() {
+        assert!(matches!(
+            lowercase("user-service"),
+            std::borrow::Cow::Borrowed("user-service")
+        ));
+        assert_eq!(lowercase("User-Service.Demo"), "user-service.demo");
     }
 
     #[test]

@@ -174,11 +174,11 @@ fn route(
                 })?
         }
         Target::ByAuthority => snapshot
-            .service_for_host(&host.to_ascii_lowercase())
+            .service_for_host(&headers::lowercase(host))
             .ok_or_else(|| ProxyError::UnknownService {
                 name: host.to_string(),
             })?,
-        Target::OriginalDst(addr) => match snapshot.service_for_host(&host.to_ascii_lowercase()) {
+        Target::OriginalDst(addr) => match snapshot.service_for_host(&headers::lowercase(host)) {
             Some(service) => service,
             // Not a mesh service: pass through to where the client was going.
             None => return Ok((Destination::Direct(proxy.registry.pinned(*addr)), None)),

@@ -187,10 +187,6 @@ impl Limiter {
         }
     }
 
-    pub fn spec(&self) -> &RateLimit {
-        &self.spec
-    }
-
     /// The key this caller's requests are counted under (`None`: the shared bucket).
     fn key(&self, caller: &Caller<'_>) -> Option<String> {
         match &self.spec.key {

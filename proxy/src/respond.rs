@@ -65,12 +65,6 @@ impl ProxyError {
         }
     }
 
-    /// Whether sending the same request again (elsewhere) may succeed: nothing reached the
-    /// upstream application.
-    pub fn retryable(&self) -> bool {
-        matches!(self, ProxyError::Connect { .. })
-    }
-
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::UnknownService { .. } => StatusCode::NOT_FOUND,

@@ -21,10 +21,6 @@ impl<T> Rewind<T> {
     pub fn new(prefix: Bytes, inner: T) -> Self {
         Self { prefix, inner }
     }
-
-    pub fn inner(&self) -> &T {
-        &self.inner
-    }
 }
 
 impl<T: AsyncRead> AsyncRead for Rewind<T> {

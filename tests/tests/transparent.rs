@@ -2,10 +2,8 @@
 //! proxy, which reads the original destination (SO_ORIGINAL_DST). Runs in a network namespace
 //! of its own; needs root (CI runs as root) and skips with a printed reason otherwise.
 
-use std::process::Command;
-use std::time::Duration;
-
 use sidemesh_tests::{Proc, skip};
+use std::process::Command;
 
 const PROXY_UID: &str = "2102";
 const ADDR: &str = "10.99.0.1";
@@ -204,5 +202,4 @@ fn redirected_connections_are_routed_or_passed_through_to_their_original_destina
         redirected >= 2,
         "iptables counted {redirected} redirected connections:\n{counters}"
     );
-    std::thread::sleep(Duration::from_millis(10));
 }
