@@ -7,6 +7,9 @@ Topologies, each in front of the same nginx backend that answers `200 ok`:
   sidemesh-2    -> client-side proxy -> server-side proxy (inbound) -> backend: one mesh hop
   nginx-2       -> nginx -> nginx -> backend (keep-alive upstreams)
   haproxy-2     -> HAProxy -> HAProxy -> backend (http-reuse always)
+  nginx-2-mtls, haproxy-2-mtls   the same pairs with the middle hop over mutual TLS 1.3 (tls_material)
+  nginx-2-mtls-noreuse, haproxy-2-mtls-noreuse   the same without reusing middle-hop connections:
+                one TCP connect and TLS handshake per request (these four are not in the default run)
 gRPC (h2load, demo user-service as backend): direct, sidemesh-1, sidemesh-2.
 
 Machines here are shared and noisy, so: the load generator runs on core 0 and every server
@@ -108,10 +111,17 @@ def raise_nofile():
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
 
 
-def nginx_conf(tmp, name, port, target=None):
-    body = (f"location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}"
+def nginx_conf(tmp, name, port, target=None, listen_tls="", upstream_tls="", keepalive=True):
+    """`listen_tls`: server directives that make the listener TLS; `upstream_tls`: proxy_ssl_* directives
+    that make the upstream hop TLS (both from nginx_mtls); keepalive=False closes the upstream connection
+    after every request. The defaults give the plaintext configuration."""
+    scheme = "https" if upstream_tls else "http"
+    reuse = ' proxy_set_header Connection "";' if keepalive else ""  # else nginx sends Connection: close
+    body = (f"location / {{ proxy_pass {scheme}://up; proxy_http_version 1.1;{reuse}{upstream_tls} }}"
             if target else 'location / { return 200 "ok\\n"; }')
-    upstream = f"upstream up {{ server 127.0.0.1:{target}; keepalive 64; }}" if target else ""
+    pool = " keepalive 64;" if keepalive else ""
+    upstream = f"upstream up {{ server 127.0.0.1:{target};{pool} }}" if target else ""
+    listen = f"127.0.0.1:{port}{' ssl' if listen_tls else ''} backlog=4096"
     conf = os.path.join(tmp, f"{name}.conf")
     with open(conf, "w") as f:
         f.write(f"""worker_processes 1; daemon off; master_process on;
@@ -120,12 +130,17 @@ events {{ worker_connections 20000; }}
 http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 300s;
   client_body_temp_path {tmp}/{name}-body; proxy_temp_path {tmp}/{name}-proxy;
   {upstream}
-  server {{ listen 127.0.0.1:{port} backlog=4096; {body} }} }}
+  server {{ listen {listen};{listen_tls} {body} }} }}
 """)
     return conf
 
 
-def haproxy_conf(tmp, name, port, target):
+def haproxy_conf(tmp, name, port, target, bind_tls="", server_tls="", reuse=True):
+    """`bind_tls`/`server_tls`: options appended to the bind and server lines (from haproxy_mtls);
+    reuse=False gives every request its own server connection. The defaults give the plaintext one."""
+    # Overrides the defaults' http-reuse always for this backend only; http-server-close makes HAProxy
+    # close the server side after each response (the client side stays keep-alive).
+    no_reuse = "  http-reuse never\n  option http-server-close\n" if not reuse else ""
     conf = os.path.join(tmp, f"{name}.cfg")
     with open(conf, "w") as f:
         f.write(f"""global
@@ -138,12 +153,82 @@ defaults
   timeout server 60s
   http-reuse always
 frontend f
-  bind 127.0.0.1:{port}
+  bind 127.0.0.1:{port}{bind_tls}
   default_backend b
 backend b
-  server s1 127.0.0.1:{target}
+{no_reuse}  server s1 127.0.0.1:{target}{server_tls}
 """)
     return conf
+
+
+def tls_material(tmp):
+    """A throwaway CA and two leaf certificates it signs, all ECDSA P-256 (what a mesh CA issues):
+    proxy A's is a client certificate, proxy B's a server certificate for `proxy-b`; both carry a
+    SPIFFE ID like a mesh workload's. Made once per `tmp`; returns the paths."""
+    paths = {"ca": os.path.join(tmp, "ca.crt"), "ca_key": os.path.join(tmp, "ca.key")}
+    for n in ("a", "b"):
+        paths[n + "_crt"] = os.path.join(tmp, f"{n}.crt")
+        paths[n + "_key"] = os.path.join(tmp, f"{n}.key")
+        paths[n + "_pem"] = os.path.join(tmp, f"{n}.pem")  # certificate then key, for HAProxy's crt
+    if all(os.path.exists(p) for p in paths.values()):
+        return paths
+
+    def openssl(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    # openssl 3.0's req -x509 already adds CA:TRUE from its default config; -addext makes it explicit.
+    openssl("req", "-x509", *ec, "-keyout", paths["ca_key"], "-out", paths["ca"], "-days", "2",
+            "-subj", "/CN=sidemesh-bench-ca", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    leaves = {"a": ("clientAuth", "URI:spiffe://cluster.local/ns/bench/sa/a"),
+              "b": ("serverAuth", "DNS:proxy-b,URI:spiffe://cluster.local/ns/bench/sa/b")}
+    for n, (usage, san) in leaves.items():
+        csr, ext = os.path.join(tmp, f"{n}.csr"), os.path.join(tmp, f"{n}.ext")
+        openssl("req", "-new", *ec, "-keyout", paths[n + "_key"], "-out", csr, "-subj", f"/CN=proxy-{n}")
+        # x509 -req ignores the CSR's extensions (openssl 3.0), so they come from an extfile.
+        with open(ext, "w") as f:
+            f.write(f"basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                    f"extendedKeyUsage={usage}\nsubjectAltName={san}\n")
+        openssl("x509", "-req", "-in", csr, "-CA", paths["ca"], "-CAkey", paths["ca_key"], "-CAcreateserial",
+                "-days", "2", "-extfile", ext, "-out", paths[n + "_crt"])
+        with open(paths[n + "_pem"], "w") as f:
+            f.write(open(paths[n + "_crt"]).read() + open(paths[n + "_key"]).read())
+    return paths
+
+
+def nginx_mtls(tls):
+    """(B's listener directives, A's upstream directives) for TLS 1.3 with mutual authentication:
+    B requires a client certificate signed by the CA, A checks B's certificate and name against it.
+    Session resumption stays nginx's default: B issues TLS 1.3 session tickets (ssl_session_tickets on,
+    stateless, so no ssl_session_cache is needed) and A keeps the last session per upstream server and
+    offers it on its next connection (proxy_ssl_session_reuse on, the default, spelled out). With
+    keep-alive that only matters for the pool's first connections; without it, most handshakes are
+    resumptions (PSK + ECDHE, no certificate exchange or verification); connections A opens before its
+    latest ticket has arrived make full ones (about 1 in 6 at 10 concurrent requests)."""
+    # nginx completes the handshake even without a (valid) client certificate and then answers 400
+    # itself (status 496/495 internally); 444 closes the connection instead, so a client without A's
+    # certificate gets no HTTP answer at all, as from HAProxy, which aborts the handshake.
+    listen = (f" ssl_certificate {tls['b_crt']}; ssl_certificate_key {tls['b_key']};"
+              f" ssl_client_certificate {tls['ca']}; ssl_verify_client on; ssl_protocols TLSv1.3;"
+              " error_page 495 496 = @refuse; location @refuse { return 444; }")
+    upstream = (f" proxy_ssl_certificate {tls['a_crt']}; proxy_ssl_certificate_key {tls['a_key']};"
+                f" proxy_ssl_trusted_certificate {tls['ca']}; proxy_ssl_verify on; proxy_ssl_name proxy-b;"
+                " proxy_ssl_server_name on; proxy_ssl_protocols TLSv1.3; proxy_ssl_session_reuse on;")
+    return listen, upstream
+
+
+def haproxy_mtls(tls):
+    """(B's bind options, A's server options) for TLS 1.3 with mutual authentication, as nginx_mtls.
+    Session resumption stays HAProxy's default: B's bind issues session tickets and keeps a session
+    cache (tune.ssl.cachesize 20000), A's server line keeps the last session and offers it on the next
+    connection (no `no-ssl-reuse`), so without connection reuse each request is a resumption.
+    With `sni`, HAProxy checks B's certificate against the SNI name; verifyhost (same name) only
+    applies when no SNI is sent and is there to keep the check if sni is ever dropped."""
+    bind = f" ssl crt {tls['b_pem']} verify required ca-file {tls['ca']} alpn http/1.1 ssl-min-ver TLSv1.3"
+    server = (f" ssl verify required ca-file {tls['ca']} crt {tls['a_pem']} sni str(proxy-b) verifyhost proxy-b"
+              " alpn http/1.1 ssl-min-ver TLSv1.3")
+    return bind, server
 
 
 POLICIES = """routes:
@@ -213,6 +298,31 @@ def start_topology(kind, procs, tmp, backend_port):
         front, middle = free_port(), free_port()
         hb = procs.start(["haproxy", "-db", "-f", haproxy_conf(tmp, "hap-b", middle, backend_port)], name="hap-b")
         ha = procs.start(["haproxy", "-db", "-f", haproxy_conf(tmp, "hap-a", front, middle)], name="hap-a")
+        wait_port(middle)
+        wait_port(front)
+        return front, [ha.pid, hb.pid], [ha.pid, hb.pid]
+    if kind in ("nginx-2-mtls", "nginx-2-mtls-noreuse"):
+        # As nginx-2, with the A -> B hop over mutual TLS 1.3; -noreuse closes A -> B after every
+        # request, so each one pays a TCP connect and a TLS handshake (the cost connection reuse saves).
+        front, middle = free_port(), free_port()
+        listen_tls, upstream_tls = nginx_mtls(tls_material(tmp))
+        reuse = not kind.endswith("-noreuse")
+        nb = procs.start(["nginx", "-c", nginx_conf(tmp, "ngx-b", middle, backend_port, listen_tls=listen_tls),
+                          "-p", tmp], name="ngx-b")
+        na = procs.start(["nginx", "-c", nginx_conf(tmp, "ngx-a", front, middle, upstream_tls=upstream_tls,
+                                                    keepalive=reuse), "-p", tmp], name="ngx-a")
+        wait_port(middle)
+        wait_port(front)
+        pids = [na.pid, nb.pid] + children(na.pid) + children(nb.pid)
+        return front, pids, pids
+    if kind in ("haproxy-2-mtls", "haproxy-2-mtls-noreuse"):
+        front, middle = free_port(), free_port()
+        bind_tls, server_tls = haproxy_mtls(tls_material(tmp))
+        reuse = not kind.endswith("-noreuse")
+        hb = procs.start(["haproxy", "-db", "-f", haproxy_conf(tmp, "hap-b", middle, backend_port, bind_tls=bind_tls)],
+                         name="hap-b")
+        ha = procs.start(["haproxy", "-db", "-f", haproxy_conf(tmp, "hap-a", front, middle, server_tls=server_tls,
+                                                               reuse=reuse)], name="hap-a")
         wait_port(middle)
         wait_port(front)
         return front, [ha.pid, hb.pid], [ha.pid, hb.pid]

@@ -111,7 +111,9 @@ pub struct ServiceSpec {
     /// Service account the workload runs as; forms its identity. Default: the service name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account: Option<String>,
-    /// Ports the service listens on. At least one.
+    /// Ports the service listens on. None: a client-only workload (it calls other services
+    /// and is never called).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortSpec>,
     /// Static endpoints (`ip:port`) for use without discovery, e.g. on a laptop.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -334,13 +334,6 @@ impl Checker {
             .clone()
             .unwrap_or_else(|| spec.name.clone());
 
-        if spec.ports.is_empty() {
-            self.error(
-                doc,
-                &format!("{path}.ports"),
-                "at least one port is required",
-            );
-        }
         let mut ports: Vec<Port> = Vec::new();
         let mut port_origins: HashMap<u16, Origin> = HashMap::new();
         let mut name_origins: HashMap<&str, Origin> = HashMap::new();
@@ -658,12 +651,20 @@ impl Checker {
         let mut backends = Vec::new();
         if spec.backends.is_empty() {
             if let Some(s) = service.as_ref().and_then(|id| resolver.get(id)) {
-                if let Some(port) = s.ports.first() {
-                    backends.push(Backend {
+                match s.ports.first() {
+                    Some(port) => backends.push(Backend {
                         service: s.id.clone(),
                         port: port.port,
                         weight: 1,
-                    });
+                    }),
+                    None => self.error(
+                        doc,
+                        &format!("{path}.service"),
+                        format!(
+                            "service `{}` has no ports (a client-only workload): it cannot be called",
+                            s.id
+                        ),
+                    ),
                 }
             }
         }
@@ -685,6 +686,17 @@ impl Checker {
                 continue;
             };
             let port = match b.port {
+                None if target.ports.is_empty() => {
+                    self.error(
+                        doc,
+                        &format!("{bpath}.service"),
+                        format!(
+                            "service `{}` has no ports (a client-only workload): it cannot be a backend",
+                            target.id
+                        ),
+                    );
+                    None
+                }
                 None => target.ports.first().map(|p| p.port),
                 Some(p) if target.ports.iter().any(|tp| u32::from(tp.port) == p) => {
                     u16::try_from(p).ok()

@@ -7,6 +7,8 @@
 //! - `view`: each proxy's slice of the mesh, as YAML.
 //! - `hub`: revisions (config + endpoints) that proxy streams watch.
 //! - `discovery`: the gRPC stream with each proxy.
+//! - `ca`: the certificate authority (generated root or mounted files).
+//! - `identity`: the gRPC identity service: credential check, then a signed certificate.
 //! - `status`: `sidemesh status`.
 //! - `admin`, `metrics`: `/status`, `/metrics`, `/debug/config`.
 //! - `up`: `sidemesh up`, the demo on one machine.
@@ -15,9 +17,11 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod ca;
 pub mod cli;
 pub mod discovery;
 pub mod hub;
+pub mod identity;
 pub mod metrics;
 pub mod registry;
 pub mod server;

@@ -16,6 +16,8 @@ pub struct Metrics {
     pub acks: Counter,
     pub nacks: Counter,
     pub config_errors: Counter,
+    pub certificates_issued: Counter,
+    pub certificates_refused: Counter,
     pub config_version: Gauge<u64, AtomicU64>,
     convergence: Histogram,
 }
@@ -35,6 +37,18 @@ impl Metrics {
         registry.register("acks", "Snapshots proxies applied", acks.clone());
         let nacks = Counter::default();
         registry.register("nacks", "Snapshots proxies refused", nacks.clone());
+        let certificates_issued = Counter::default();
+        registry.register(
+            "certificates_issued",
+            "Workload certificates signed",
+            certificates_issued.clone(),
+        );
+        let certificates_refused = Counter::default();
+        registry.register(
+            "certificates_refused",
+            "Certificate requests refused (bad credential or request)",
+            certificates_refused.clone(),
+        );
         let config_errors = Counter::default();
         registry.register(
             "config_errors",
@@ -60,6 +74,8 @@ impl Metrics {
             acks,
             nacks,
             config_errors,
+            certificates_issued,
+            certificates_refused,
             config_version,
             convergence,
         }

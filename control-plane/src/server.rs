@@ -6,18 +6,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sidemesh_api::v1::discovery_server::DiscoveryServer;
+use sidemesh_api::v1::identity_server::IdentityServer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::admin;
+use crate::ca::Authority;
 use crate::discovery::DiscoveryService;
 use crate::hub::Hub;
+use crate::identity::IdentityService;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
 pub const ENV_CONFIG: &str = "SIDEMESH_CONFIG";
 pub const ENV_LISTEN: &str = "SIDEMESH_CP_LISTEN";
 pub const ENV_ADMIN: &str = "SIDEMESH_CP_ADMIN";
+pub const ENV_DATA_DIR: &str = "SIDEMESH_CP_DATA_DIR";
+pub const ENV_CA_DIR: &str = "SIDEMESH_CA_DIR";
+pub const ENV_JOIN_TOKEN_FILE: &str = "SIDEMESH_JOIN_TOKEN_FILE";
+pub const ENV_CERT_LIFETIME: &str = "SIDEMESH_CERT_LIFETIME";
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -48,9 +55,37 @@ pub struct Args {
     /// so every proxy can register again first (a restart must change nothing for traffic).
     #[arg(long, value_parser = parse_duration, default_value = "5s")]
     pub startup_grace: Duration,
+    /// Where the control plane keeps its state (the generated CA and join token).
+    #[arg(long, env = ENV_DATA_DIR, default_value = ".sidemesh/control-plane")]
+    pub data_dir: PathBuf,
+    /// The certificate authority's folder (`ca.crt`, `ca.key`, optional `roots.crt`), e.g. a
+    /// mounted Secret. Default: `<data-dir>/ca`, with a root generated on first start.
+    #[arg(long, env = ENV_CA_DIR)]
+    pub ca_dir: Option<PathBuf>,
+    /// The join token local proxies present to get a certificate. Default:
+    /// `<data-dir>/join-token`, generated on first start.
+    #[arg(long, env = ENV_JOIN_TOKEN_FILE)]
+    pub join_token_file: Option<PathBuf>,
+    /// How long workload certificates are valid; proxies renew at about 70 %.
+    #[arg(long, env = ENV_CERT_LIFETIME, value_parser = parse_duration, default_value = "24h")]
+    pub cert_lifetime: Duration,
     /// Log format: json or text.
     #[arg(long, default_value = "json")]
     pub log_format: String,
+}
+
+impl Args {
+    pub fn ca_dir(&self) -> PathBuf {
+        self.ca_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("ca"))
+    }
+
+    pub fn join_token_file(&self) -> PathBuf {
+        self.join_token_file
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("join-token"))
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -67,12 +102,18 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("certificate authority: {0}")]
+    Ca(#[from] crate::ca::CaError),
+    #[error("{0}")]
+    JoinToken(#[from] crate::identity::TokenError),
 }
 
 /// A control plane with its listeners bound.
 #[derive(Debug)]
 pub struct ControlPlane {
     pub hub: Arc<Hub>,
+    pub ca: Arc<Authority>,
+    join_token: String,
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     grpc: TcpListener,
@@ -84,6 +125,11 @@ pub async fn build(args: Args) -> Result<ControlPlane, StartError> {
     let metrics = Metrics::new();
     let store = Store::open(&args.config, metrics.config_errors.clone());
     let hub = Hub::new(store, metrics, args.startup_grace);
+    let ca = Arc::new(Authority::load_or_generate(
+        &args.ca_dir(),
+        args.cert_lifetime,
+    )?);
+    let join_token = crate::identity::join_token(&args.join_token_file())?;
     let bind = |what, addr| async move {
         TcpListener::bind(addr)
             .await
@@ -95,6 +141,8 @@ pub async fn build(args: Args) -> Result<ControlPlane, StartError> {
         grpc_addr: grpc.local_addr().unwrap_or(args.listen),
         admin_addr: admin.local_addr().unwrap_or(args.admin),
         hub,
+        ca,
+        join_token,
         grpc,
         admin,
         args,
@@ -131,6 +179,11 @@ impl ControlPlane {
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .add_service(DiscoveryServer::new(DiscoveryService::new(
+                self.hub.clone(),
+            )))
+            .add_service(IdentityServer::new(IdentityService::new(
+                self.ca.clone(),
+                Some(self.join_token.clone()),
                 self.hub.clone(),
             )))
             .serve_with_incoming_shutdown(incoming, shutdown)

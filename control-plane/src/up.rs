@@ -2,8 +2,9 @@
 //!
 //! The control plane serves the routing config (the embedded `demo.yaml`, or the folder or file
 //! `--config` names, watched for edits); each demo service gets its own proxy in explicit mode;
-//! a light load flows loadgen -> order-service's proxy -> order-service -> its proxy ->
-//! user-service's proxy -> user-service. (mTLS and traces join with their issues.)
+//! a light load flows loadgen -> its proxy -> order-service's proxy -> order-service -> its proxy ->
+//! user-service's proxy -> user-service, with mutual TLS between the proxies; the control
+//! plane's CA (generated in a scratch folder) issues their certificates.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -49,8 +50,9 @@ pub struct UpArgs {
 /// Runs a proxy in control-plane mode for `service` in front of `app`.
 async fn proxy(
     control_plane: SocketAddr,
+    join_token: &std::path::Path,
     service: &str,
-    app: SocketAddr,
+    app: Option<SocketAddr>,
     upstreams: &[&str],
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<(
@@ -66,7 +68,8 @@ async fn proxy(
         "{}-1",
         service.split('.').next().unwrap_or(service)
     ));
-    args.app = Some(app);
+    args.app = app;
+    args.join_token_file = Some(join_token.to_path_buf());
     args.inbound = any;
     args.upstreams = upstreams.iter().map(|s| (s.to_string(), any)).collect();
     args.timeouts.drain = Duration::from_secs(1);
@@ -105,10 +108,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         debounce: Duration::from_millis(100),
         disconnect_grace: Duration::from_secs(10),
         startup_grace: Duration::from_secs(5),
+        data_dir: scratch.path().join("control-plane"),
+        ca_dir: None,
+        join_token_file: None,
+        cert_lifetime: Duration::from_secs(24 * 3600),
         log_format: "text".into(),
     })
     .await?;
     let (cp_grpc, cp_admin) = (cp.grpc_addr, cp.admin_addr);
+    let join_token = scratch.path().join("control-plane").join("join-token");
     let cp_task = tokio::spawn(cp.run(stopped(stop_rx.clone())));
 
     let users_listener = server::bind(args.users_addr).await?;
@@ -117,20 +125,39 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let orders_addr = orders_listener.local_addr()?;
     let (user_proxy, _, user_proxy_task) = proxy(
         cp_grpc,
+        &join_token,
         "user-service.demo",
-        users_addr,
+        Some(users_addr),
         &[],
         stop_rx.clone(),
     )
     .await?;
     let (order_proxy, order_state, order_proxy_task) = proxy(
         cp_grpc,
+        &join_token,
         "order-service.demo",
-        orders_addr,
+        Some(orders_addr),
         &["user-service"],
         stop_rx.clone(),
     )
     .await?;
+    // The load generator is a meshed client too: its proxy has no inbound side.
+    let (loadgen_proxy, loadgen_state, loadgen_proxy_task) = proxy(
+        cp_grpc,
+        &join_token,
+        "loadgen.demo",
+        None,
+        &["order-service"],
+        stop_rx.clone(),
+    )
+    .await?;
+    let to_orders = loadgen_proxy
+        .upstreams
+        .first()
+        .map(|(_, a)| *a)
+        .ok_or_else(|| {
+            anyhow::anyhow!("the load generator's proxy has no order-service listener")
+        })?;
     let user_inbound = user_proxy
         .inbound
         .ok_or_else(|| anyhow::anyhow!("user-service's proxy has no inbound listener"))?;
@@ -156,16 +183,21 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let order_app = orders::app(channel, Arc::new(Faults::none()));
     let orders_task = tokio::spawn(server::serve(orders_listener, order_app, stopped(stop_rx)));
 
-    // Ready once order-service's proxy knows user-service's proxy as its endpoint.
+    // Ready once each caller's proxy knows the called service's proxy as its endpoint.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let snapshot = order_state.snapshot.load();
-        let found = snapshot
+    let knows = |state: &sidemesh_proxy::app::Proxy, service: &str, endpoint: SocketAddr| {
+        state
+            .snapshot
+            .load()
             .mesh
             .services
             .iter()
-            .any(|s| s.id.name == "user-service" && s.endpoints.contains(&user_inbound));
-        if found {
+            .any(|s| s.id.name == service && s.endpoints.contains(&endpoint))
+    };
+    loop {
+        if knows(&order_state, "user-service", user_inbound)
+            && knows(&loadgen_state, "order-service", order_inbound)
+        {
             break;
         }
         anyhow::ensure!(
@@ -196,7 +228,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         order_proxy.admin
     );
     println!(
-        "  path           loadgen -> order-service's proxy -> order-service -> its proxy -> user-service's proxy -> user-service"
+        "  path           loadgen -> its proxy =mTLS=> order-service's proxy -> order-service -> its proxy =mTLS=> user-service's proxy -> user-service"
     );
     match &args.otlp {
         Some(endpoint) => println!("  traces         the demo services export to {endpoint}"),
@@ -217,7 +249,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
 
     let load = loadgen::run(
         LoadgenArgs {
-            target: format!("http://{order_inbound}"),
+            target: format!("http://{to_orders}"),
             rate: args.rate,
             duration: args.duration,
             max_in_flight: 256,
@@ -234,7 +266,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     for task in [users_task, orders_task] {
         task.await??;
     }
-    for task in [user_proxy_task, order_proxy_task] {
+    for task in [user_proxy_task, order_proxy_task, loadgen_proxy_task] {
         task.await?;
     }
     cp_task.await??;

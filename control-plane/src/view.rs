@@ -76,9 +76,16 @@ pub fn compute(
                     namespace: s.id.namespace.clone(),
                     endpoints: registered
                         .iter()
-                        .map(|(addr, identity)| v1::Endpoint {
+                        // A proxy registered with a certificate is meshed: callers expect the
+                        // identity the config gives the service, so a workload running under
+                        // another service account is refused by them, not trusted.
+                        .map(|(addr, registered)| v1::Endpoint {
                             address: addr.to_string(),
-                            identity: identity.clone(),
+                            identity: if registered.is_empty() {
+                                String::new()
+                            } else {
+                                s.identity.clone()
+                            },
                         })
                         .collect(),
                 });

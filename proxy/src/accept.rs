@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use http::StatusCode;
+use sidemesh_config::MtlsMode;
 use sidemesh_config::Protocol as PortProtocol;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
@@ -19,6 +20,7 @@ use crate::http::{ConnInfo, Target};
 use crate::metrics::Direction;
 use crate::respond;
 use crate::rewind::Rewind;
+use crate::tls::{self, Carried};
 
 /// What a listener is for.
 #[derive(Debug, Clone)]
@@ -120,8 +122,13 @@ async fn handle(
         }
     };
 
+    // Inbound, mTLS on: every connection is sniffed, since peer proxies speak TLS on any port.
+    let mtls = match direction {
+        Direction::Inbound => proxy.mtls(),
+        Direction::Outbound => MtlsMode::Disabled,
+    };
     let mut buf = BytesMut::new();
-    let protocol = if port_protocol == Some(PortProtocol::Tcp) {
+    let protocol = if port_protocol == Some(PortProtocol::Tcp) && mtls == MtlsMode::Disabled {
         Protocol::Opaque
     } else {
         let limits = DetectLimits {
@@ -129,40 +136,118 @@ async fn handle(
             head: proxy.timeouts.header,
             max_head_bytes: proxy.limits.max_header_bytes,
             max_headers: proxy.limits.max_headers,
-            http_only: matches!(port_protocol, Some(PortProtocol::Http | PortProtocol::Grpc)),
+            http_only: matches!(port_protocol, Some(PortProtocol::Http | PortProtocol::Grpc))
+                && mtls == MtlsMode::Disabled,
         };
         match detect::sniff(&mut stream, &mut buf, limits).await {
             Ok(protocol) => protocol,
             Err(e) => return refuse(stream, e, &proxy).await,
         }
     };
+    let io = Rewind::new(buf.freeze(), stream);
+    match (protocol, mtls) {
+        (Protocol::Tls, MtlsMode::Strict | MtlsMode::Permissive) => {
+            return inbound_tls(io, peer, target, mtls, proxy, drain).await;
+        }
+        (_, MtlsMode::Strict) => return refuse_plaintext(io, peer, protocol, &proxy).await,
+        _ => {}
+    }
     let _open = proxy
         .metrics
-        .connection_opened(direction, protocol_name(protocol));
-    let conn = ConnInfo {
-        client: peer,
-        direction,
-        target,
-    };
+        .connection_opened(direction, protocol_name(protocol), false);
+    let conn = ConnInfo::new(peer, direction, target, None, &proxy);
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
-            crate::http::serve(
-                Rewind::new(buf.freeze(), stream),
-                protocol,
-                conn,
-                proxy,
-                drain,
-            )
-            .await;
+            crate::http::serve(io, protocol, conn, proxy, drain).await;
         }
-        Protocol::Tls | Protocol::Opaque => opaque(stream, buf, conn, &proxy).await,
+        Protocol::Tls | Protocol::Opaque => opaque(io, conn, &proxy).await,
     }
 }
 
-/// Opaque TCP (and, until mTLS lands, TLS): forwarded byte for byte.
-async fn opaque(stream: TcpStream, buf: BytesMut, conn: ConnInfo, proxy: &Proxy) {
-    let upstream = match &conn.target {
-        Target::App(addr) | Target::OriginalDst(addr) => *addr,
+/// Inbound TLS: a peer proxy's mTLS is terminated and what it carries is served; another TLS
+/// client is passed to the application as it is (permissive) or refused (strict).
+async fn inbound_tls(
+    io: Rewind<TcpStream>,
+    peer: SocketAddr,
+    target: Target,
+    mtls: MtlsMode,
+    proxy: Arc<Proxy>,
+    drain: Drain,
+) {
+    let credentials = proxy.identity.current();
+    let accepted = tls::accept(
+        io,
+        credentials.as_deref().map(|c| &c.tls),
+        proxy.timeouts.header,
+    )
+    .await;
+    match accepted {
+        Ok(tls::Accepted::Mesh {
+            stream,
+            peer: identity,
+            carried,
+        }) => {
+            let protocol = match carried {
+                Carried::Http1 => Protocol::Http1,
+                Carried::Http2 => Protocol::Http2,
+                Carried::Opaque => Protocol::Opaque,
+            };
+            let _open =
+                proxy
+                    .metrics
+                    .connection_opened(Direction::Inbound, protocol_name(protocol), true);
+            let conn = ConnInfo::new(peer, Direction::Inbound, target, Some(identity), &proxy);
+            match protocol {
+                Protocol::Opaque => opaque(stream, conn, &proxy).await,
+                _ => crate::http::serve(stream, protocol, conn, proxy, drain).await,
+            }
+        }
+        Ok(tls::Accepted::Foreign { read, io }) if mtls == MtlsMode::Permissive => {
+            let _open = proxy
+                .metrics
+                .connection_opened(Direction::Inbound, "tls", false);
+            let conn = ConnInfo::new(peer, Direction::Inbound, target, None, &proxy);
+            opaque(Rewind::new(read, io), conn, &proxy).await;
+        }
+        Ok(tls::Accepted::Foreign { .. }) => {
+            proxy.metrics.connection_refused("not-mesh-tls");
+            tracing::info!(client = %peer, "refused a TLS connection that is not from a meshed proxy (mtls: strict)");
+        }
+        Err(e) => {
+            proxy.metrics.connection_refused("tls-handshake");
+            tracing::info!(client = %peer, error = %e, "refused a TLS connection: the handshake failed");
+        }
+    }
+}
+
+/// Strict mode: plaintext to the inbound port is refused; an HTTP/1 client is told why.
+async fn refuse_plaintext(
+    mut io: Rewind<TcpStream>,
+    peer: SocketAddr,
+    protocol: Protocol,
+    proxy: &Proxy,
+) {
+    proxy.metrics.connection_refused("plaintext");
+    tracing::info!(client = %peer, "refused a plaintext connection: this mesh requires mutual TLS (mtls: strict)");
+    if protocol == Protocol::Http1 {
+        let _ = io
+            .write_all(&respond::raw_http1(
+                StatusCode::FORBIDDEN,
+                "mtls-required",
+                "this port only accepts mutual TLS from meshed proxies (mtls: strict)",
+            ))
+            .await;
+    }
+    let _ = io.shutdown().await;
+}
+
+/// Opaque TCP: forwarded byte for byte; to a meshed endpoint, inside mutual TLS.
+async fn opaque<IO>(client: IO, conn: ConnInfo, proxy: &Proxy)
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let endpoint = match &conn.target {
+        Target::App(addr) | Target::OriginalDst(addr) => proxy.registry.pinned(*addr),
         Target::Service(name) => {
             let snapshot = proxy.snapshot.load();
             let Some(service) = snapshot.service_named(name) else {
@@ -170,7 +255,7 @@ async fn opaque(stream: TcpStream, buf: BytesMut, conn: ConnInfo, proxy: &Proxy)
                 return;
             };
             match service.balancer.pick(None) {
-                Ok(endpoint) => endpoint.addr,
+                Ok(endpoint) => endpoint.clone(),
                 Err(e) => {
                     tracing::info!(service = %name, error = ?e, "no endpoint for an opaque connection; closing");
                     return;
@@ -179,10 +264,28 @@ async fn opaque(stream: TcpStream, buf: BytesMut, conn: ConnInfo, proxy: &Proxy)
         }
         Target::ByAuthority => return,
     };
-    if let Err(e) =
-        crate::tcp::forward(stream, buf.freeze(), upstream, proxy.timeouts.connect).await
+    let credentials = match &endpoint.identity {
+        Some(_) if proxy.mtls() != MtlsMode::Disabled => match proxy.identity.current() {
+            Some(c) => Some(c),
+            None => {
+                tracing::info!(upstream = %endpoint.addr, "no workload certificate yet for a meshed endpoint; closing");
+                return;
+            }
+        },
+        _ => None,
+    };
+    let server = match endpoint
+        .connect(&proxy.pool, credentials.as_deref(), Carried::Opaque)
+        .await
     {
-        tracing::debug!(upstream = %upstream, error = %e, "opaque connection ended with an error");
+        Ok(server) => server.into_inner(),
+        Err(e) => {
+            tracing::info!(error = %e, "opaque connection: cannot reach the upstream; closing");
+            return;
+        }
+    };
+    if let Err(e) = crate::tcp::splice(client, server).await {
+        tracing::debug!(upstream = %endpoint.addr, error = %e, "opaque connection ended with an error");
     }
 }
 

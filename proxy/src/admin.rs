@@ -3,7 +3,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
@@ -48,8 +47,13 @@ fn answer(proxy: &Proxy, drain: &Drain, req: &Request<Incoming>) -> Response<Bod
         "/ready" => {
             if drain.is_draining() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
-            } else if proxy.ready.load(Ordering::Acquire) {
+            } else if proxy.is_ready() {
                 text(StatusCode::OK, "ready\n".into())
+            } else if !proxy.identity.ready() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: no workload certificate yet\n".into(),
+                )
             } else {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -72,10 +76,12 @@ fn answer(proxy: &Proxy, drain: &Drain, req: &Request<Incoming>) -> Response<Bod
                 "proxy": {
                     "service": proxy.service,
                     "mode": proxy.mode,
+                    "mtls": proxy.mtls(),
                     "app": proxy.app,
                     "limits": proxy.limits,
                     "timeouts": proxy.timeouts,
                 },
+                "identity": proxy.identity.dump(),
                 "endpoints": proxy.registry.states(),
             });
             let mut resp = text(

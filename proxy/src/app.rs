@@ -13,9 +13,11 @@ use tokio::net::TcpListener;
 use crate::accept::{self, ListenerKind};
 use crate::config::{Args, Limits, Mode, Timeouts};
 use crate::endpoint::{PoolConfig, Registry};
+use crate::identity::{self, IdentityState};
 use crate::metrics::Metrics;
 use crate::snapshot::{CompileError, Snapshot};
 use crate::{admin, control, drain, reload};
+use sidemesh_config::MtlsMode;
 
 /// State shared by every connection and request.
 #[derive(Debug)]
@@ -29,10 +31,28 @@ pub struct Proxy {
     pub snapshot: ArcSwap<Snapshot>,
     pub registry: Registry,
     pub metrics: Metrics,
+    /// The workload certificate (control-plane mode with a credential).
+    pub identity: IdentityState,
     /// Listeners are up.
     pub ready: AtomicBool,
     /// A config (static file, pushed, or stored) is in force.
     pub config_applied: AtomicBool,
+}
+
+impl Proxy {
+    /// The mTLS mode in force. A proxy without an identity source (a static config, or no
+    /// credential) cannot do mTLS: for it the mode is `disabled`.
+    pub fn mtls(&self) -> MtlsMode {
+        if self.identity.source.is_none() {
+            return MtlsMode::Disabled;
+        }
+        self.snapshot.load().mesh.settings.mtls
+    }
+
+    /// Serving: listeners up, a config in force, and a certificate when one is needed.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire) && self.identity.ready()
+    }
 }
 
 /// Why a proxy could not start.
@@ -106,6 +126,28 @@ fn local_service(args: &Args) -> sidemesh_config::ServiceId {
     }
 }
 
+/// Where the workload certificate comes from: the control plane, with a credential.
+fn identity_source(args: &Args) -> Option<identity::Source> {
+    let url = args.control_plane.clone()?;
+    let credential = match (&args.join_token_file, &args.service_account_token_file) {
+        (Some(path), _) => identity::CredentialSource::JoinTokenFile(path.clone()),
+        (None, Some(path)) => identity::CredentialSource::ServiceAccountTokenFile(path.clone()),
+        (None, None) => {
+            tracing::warn!(
+                "no --join-token-file or --service-account-token-file: this proxy has no workload identity and cannot take part in mTLS"
+            );
+            return None;
+        }
+    };
+    let local = local_service(args);
+    Some(identity::Source {
+        url,
+        service_account: args.service_account.clone().unwrap_or(local.name),
+        namespace: local.namespace,
+        credential,
+    })
+}
+
 fn proxy_id(args: &Args) -> String {
     args.proxy_id.clone().unwrap_or_else(|| {
         let host = std::env::var("HOSTNAME")
@@ -119,6 +161,7 @@ fn proxy_id(args: &Args) -> String {
 
 pub async fn build(args: Args) -> Result<App, StartError> {
     let registry = Registry::default();
+    let identity_source = identity_source(&args);
     let metrics = Metrics::new();
     let local = local_service(&args);
     let (snapshot, source, applied) = match (&args.config, &args.control_plane) {
@@ -213,6 +256,7 @@ pub async fn build(args: Args) -> Result<App, StartError> {
         snapshot: ArcSwap::from_pointee(snapshot),
         registry,
         metrics,
+        identity: IdentityState::new(identity_source),
         ready: AtomicBool::new(false),
         config_applied: AtomicBool::new(applied),
     });
@@ -261,6 +305,7 @@ impl App {
         }
         tracing::info!(listener = "admin", addr = %self.addrs.admin, "listening");
         tokio::spawn(admin::serve(self.admin, self.proxy.clone(), drain.clone()));
+        tokio::spawn(identity::run(self.proxy.clone(), drain.clone()));
         let proxy = self.proxy.clone();
         let source_drain = drain.clone();
         match self.source {

@@ -162,7 +162,7 @@ mod tests {
 
     fn endpoints(registry: &Registry, n: u16) -> Vec<Arc<Endpoint>> {
         (1..=n)
-            .map(|p| registry.get(SocketAddr::from(([10, 0, 0, 1], p))))
+            .map(|p| registry.get(SocketAddr::from(([10, 0, 0, 1], p)), None))
             .collect()
     }
 

@@ -23,6 +23,9 @@ pub const ENV_PROXY_ID: &str = "SIDEMESH_PROXY_ID";
 pub const ENV_NAMESPACE: &str = "SIDEMESH_NAMESPACE";
 pub const ENV_ADVERTISE: &str = "SIDEMESH_ADVERTISE_ADDR";
 pub const ENV_STATE_DIR: &str = "SIDEMESH_STATE_DIR";
+pub const ENV_JOIN_TOKEN_FILE: &str = "SIDEMESH_JOIN_TOKEN_FILE";
+pub const ENV_SERVICE_ACCOUNT_TOKEN_FILE: &str = "SIDEMESH_SERVICE_ACCOUNT_TOKEN_FILE";
+pub const ENV_SERVICE_ACCOUNT: &str = "SIDEMESH_SERVICE_ACCOUNT";
 
 /// How traffic reaches the proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -81,6 +84,17 @@ pub struct Args {
     /// comma-separated in the environment variable).
     #[arg(long = "upstream", env = ENV_UPSTREAMS, value_delimiter = ',', value_parser = parse_upstream)]
     pub upstreams: Vec<(String, SocketAddr)>,
+    /// Control-plane mode, local meshes: the join token file that proves this proxy to the
+    /// control plane's CA (the control plane writes it to its data folder).
+    #[arg(long, env = ENV_JOIN_TOKEN_FILE, conflicts_with = "service_account_token_file")]
+    pub join_token_file: Option<PathBuf>,
+    /// Control-plane mode, Kubernetes: a projected service-account token for the mesh audience.
+    #[arg(long, env = ENV_SERVICE_ACCOUNT_TOKEN_FILE)]
+    pub service_account_token_file: Option<PathBuf>,
+    /// The workload's service account; its identity is
+    /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`. Default: the service name.
+    #[arg(long, env = ENV_SERVICE_ACCOUNT)]
+    pub service_account: Option<String>,
     /// Log format: json or text.
     #[arg(long, env = ENV_LOG_FORMAT, default_value = "json")]
     pub log_format: String,
@@ -212,6 +226,9 @@ impl Args {
             admin: any,
             app: None,
             upstreams: Vec::new(),
+            join_token_file: None,
+            service_account_token_file: None,
+            service_account: None,
             log_format: "json".into(),
             worker_threads: 1,
             limits: Limits::default(),

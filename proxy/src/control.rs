@@ -39,6 +39,26 @@ pub struct Stored {
     pub version: u64,
     pub hash: String,
     pub mesh_yaml: String,
+    /// Meshed endpoints: address and the SPIFFE ID its proxy must present.
+    #[serde(default)]
+    pub meshed: Vec<(std::net::SocketAddr, String)>,
+}
+
+/// The meshed endpoints of a pushed snapshot.
+fn meshed(snapshot: &v1::Snapshot) -> Vec<(std::net::SocketAddr, String)> {
+    snapshot
+        .endpoints
+        .iter()
+        .flat_map(|s| &s.endpoints)
+        .filter(|e| !e.identity.is_empty())
+        .filter_map(|e| Some((e.address.parse().ok()?, e.identity.clone())))
+        .collect()
+}
+
+fn meshed_map(list: &[(std::net::SocketAddr, String)]) -> crate::snapshot::Meshed {
+    list.iter()
+        .map(|(addr, id)| (*addr, Arc::from(id.as_str())))
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +88,15 @@ pub fn load_stored(
         }
     };
     let mesh = sidemesh_config::parse_str("stored snapshot", &stored.mesh_yaml).ok()?;
-    let snapshot = Snapshot::compile(mesh, stored.version, service, proxy, metrics).ok()?;
+    let snapshot = Snapshot::compile_meshed(
+        mesh,
+        stored.version,
+        service,
+        proxy,
+        metrics,
+        &meshed_map(&stored.meshed),
+    )
+    .ok()?;
     tracing::info!(version = stored.version, path = %path.display(), "serving the stored snapshot until the control plane answers");
     Some((snapshot, stored.hash))
 }
@@ -116,7 +144,11 @@ fn hello(proxy: &Proxy, me: &Identity, applied_hash: &str) -> ProxyMessage {
             namespace: me.namespace.clone(),
             address: me.address.map(|a| a.to_string()).unwrap_or_default(),
             ports: Vec::new(),
-            identity: String::new(),
+            identity: proxy
+                .identity
+                .current()
+                .map(|c| c.identity.to_string())
+                .unwrap_or_default(),
             applied_version: proxy.snapshot.load().version,
             ready: proxy.config_applied.load(Ordering::Acquire),
             upstreams: me.upstreams.clone(),
@@ -138,6 +170,8 @@ async fn session(
         .keep_alive_timeout(Duration::from_secs(5))
         .connect()
         .await?;
+    // Registered as a meshed endpoint only with a certificate to prove it.
+    proxy.identity.wait_ready().await;
     let (tx, rx) = mpsc::channel(8);
     let _ = tx.send(hello(proxy, me, applied_hash)).await;
     let mut inbound = DiscoveryClient::new(channel)
@@ -183,12 +217,14 @@ async fn session(
 fn apply(proxy: &Proxy, me: &Identity, snapshot: &v1::Snapshot) -> Result<(), String> {
     let mesh = sidemesh_config::parse_str("pushed config", &snapshot.mesh_yaml)
         .map_err(|d| d.to_string())?;
-    let compiled = Snapshot::compile(
+    let meshed = meshed(snapshot);
+    let compiled = Snapshot::compile_meshed(
         mesh,
         snapshot.version,
         &proxy.service,
         &proxy.registry,
         &proxy.metrics,
+        &meshed_map(&meshed),
     )
     .map_err(|e| e.to_string())?;
     proxy.snapshot.store(Arc::new(compiled));
@@ -204,6 +240,7 @@ fn apply(proxy: &Proxy, me: &Identity, snapshot: &v1::Snapshot) -> Result<(), St
             version: snapshot.version,
             hash: snapshot.content_hash.clone(),
             mesh_yaml: snapshot.mesh_yaml.clone(),
+            meshed,
         };
         if let Err(e) = store(dir, &stored) {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot store the snapshot; a restart without the control plane would not serve");

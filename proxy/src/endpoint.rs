@@ -18,7 +18,9 @@ use serde::Serialize;
 use tokio::net::TcpStream;
 
 use crate::body::Body;
+use crate::identity::Credentials;
 use crate::respond::ProxyError;
+use crate::tls::{Carried, MaybeTls};
 
 /// When consecutive failures eject an endpoint, and for how long.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -39,6 +41,8 @@ pub struct PoolConfig {
 #[derive(Debug)]
 pub struct Endpoint {
     pub addr: SocketAddr,
+    /// The SPIFFE ID the endpoint's proxy must present; `None`: not meshed (plaintext).
+    pub identity: Option<Arc<str>>,
     in_flight: AtomicUsize,
     consecutive_failures: AtomicU32,
     /// Milliseconds since `epoch()` until which the endpoint is ejected (0: not ejected).
@@ -80,9 +84,10 @@ fn now_ms() -> u64 {
 }
 
 impl Endpoint {
-    fn new(addr: SocketAddr) -> Self {
+    fn new(addr: SocketAddr, identity: Option<Arc<str>>) -> Self {
         Self {
             addr,
+            identity,
             in_flight: AtomicUsize::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejected_until: AtomicU64::new(0),
@@ -141,19 +146,27 @@ impl Endpoint {
         }
     }
 
-    /// Sends a request over a pooled connection of the request's HTTP version.
+    /// Sends a request over a pooled connection of the request's HTTP version. New
+    /// connections use mesh TLS when `tls` is given.
     pub async fn send(
         self: &Arc<Self>,
         req: Request<Body>,
         pool: &PoolConfig,
+        tls: Option<&Credentials>,
     ) -> Result<Response<Incoming>, ProxyError> {
         match req.version() {
-            Version::HTTP_2 => self.send_h2(req, pool).await,
-            _ => self.send_h1(req, pool).await,
+            Version::HTTP_2 => self.send_h2(req, pool, tls).await,
+            _ => self.send_h1(req, pool, tls).await,
         }
     }
 
-    async fn connect(&self, pool: &PoolConfig) -> Result<TokioIo<TcpStream>, ProxyError> {
+    /// A new connection: TCP, then mesh TLS when `tls` is given (this endpoint is meshed).
+    pub async fn connect(
+        &self,
+        pool: &PoolConfig,
+        tls: Option<&Credentials>,
+        carried: Carried,
+    ) -> Result<TokioIo<MaybeTls<TcpStream>>, ProxyError> {
         self.connects.fetch_add(1, Ordering::Relaxed);
         let failed = |reason: String| {
             self.connect_failures.fetch_add(1, Ordering::Relaxed);
@@ -174,17 +187,39 @@ impl Endpoint {
                 }
             };
         let _ = stream.set_nodelay(true);
-        Ok(TokioIo::new(stream))
+        let (Some(credentials), Some(expected)) = (tls, &self.identity) else {
+            return Ok(TokioIo::new(MaybeTls::Plain(stream)));
+        };
+        match crate::tls::connect(
+            &credentials.tls,
+            stream,
+            self.addr.ip(),
+            expected,
+            carried,
+            pool.connect_timeout,
+        )
+        .await
+        {
+            Ok(stream) => Ok(TokioIo::new(MaybeTls::Tls(Box::new(stream)))),
+            Err(e) => {
+                self.connect_failures.fetch_add(1, Ordering::Relaxed);
+                Err(ProxyError::Tls {
+                    endpoint: self.addr,
+                    reason: e.to_string(),
+                })
+            }
+        }
     }
 
     async fn send_h1(
         self: &Arc<Self>,
         req: Request<Body>,
         pool: &PoolConfig,
+        tls: Option<&Credentials>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let mut sender = match self.checkout_h1(pool) {
             Some(sender) => sender,
-            None => self.connect_h1(pool).await?,
+            None => self.connect_h1(pool, tls).await?,
         };
         let resp = sender
             .send_request(req)
@@ -208,8 +243,12 @@ impl Endpoint {
     }
 
     /// A new HTTP/1.1 connection (upgrades allowed), driven by its own task.
-    async fn connect_h1(&self, pool: &PoolConfig) -> Result<http1::SendRequest<Body>, ProxyError> {
-        let io = self.connect(pool).await?;
+    async fn connect_h1(
+        &self,
+        pool: &PoolConfig,
+        tls: Option<&Credentials>,
+    ) -> Result<http1::SendRequest<Body>, ProxyError> {
+        let io = self.connect(pool, tls, Carried::Http1).await?;
         let (sender, conn) =
             http1::Builder::new()
                 .handshake(io)
@@ -240,13 +279,14 @@ impl Endpoint {
         &self,
         req: Request<Body>,
         pool: &PoolConfig,
+        tls: Option<&Credentials>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let mut sender = {
             let mut slot = self.h2.lock().await;
             match slot.as_ref().filter(|s| !s.is_closed()) {
                 Some(sender) => sender.clone(),
                 None => {
-                    let io = self.connect(pool).await?;
+                    let io = self.connect(pool, tls, Carried::Http2).await?;
                     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                         .timer(TokioTimer::new())
                         .keep_alive_interval(pool.idle_timeout / 2)
@@ -287,8 +327,9 @@ impl Endpoint {
         &self,
         req: Request<Body>,
         pool: &PoolConfig,
+        tls: Option<&Credentials>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let mut sender = self.connect_h1(pool).await?;
+        let mut sender = self.connect_h1(pool, tls).await?;
         sender
             .send_request(req)
             .await
@@ -303,6 +344,8 @@ impl Endpoint {
 #[derive(Debug, Serialize)]
 pub struct EndpointState {
     pub addr: SocketAddr,
+    /// The SPIFFE ID its proxy must present (meshed endpoints only).
+    pub identity: Option<String>,
     pub in_flight: usize,
     pub ejected: bool,
     pub connects: u64,
@@ -317,7 +360,7 @@ pub struct EndpointState {
 /// bound, or their pooled connections would be dropped after every request.
 #[derive(Debug, Default)]
 pub struct Registry {
-    endpoints: Mutex<HashMap<SocketAddr, Weak<Endpoint>>>,
+    endpoints: Mutex<HashMap<(SocketAddr, Option<Arc<str>>), Weak<Endpoint>>>,
     pinned: Mutex<HashMap<SocketAddr, Arc<Endpoint>>>,
     /// Rate limiters by scope and settings: a reload that keeps a limit keeps its buckets
     /// (a fresh limiter would hand every client a new burst).
@@ -328,15 +371,17 @@ pub struct Registry {
 const MAX_PINNED: usize = 1024;
 
 impl Registry {
-    /// The live endpoint for `addr`, or a new one.
-    pub fn get(&self, addr: SocketAddr) -> Arc<Endpoint> {
+    /// The live endpoint for `addr` (a meshed one when its proxy's `identity` is known), or
+    /// a new one.
+    pub fn get(&self, addr: SocketAddr, identity: Option<Arc<str>>) -> Arc<Endpoint> {
         let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(ep) = map.get(&addr).and_then(Weak::upgrade) {
+        let key = (addr, identity);
+        if let Some(ep) = map.get(&key).and_then(Weak::upgrade) {
             return ep;
         }
         map.retain(|_, weak| weak.strong_count() > 0);
-        let ep = Arc::new(Endpoint::new(addr));
-        map.insert(addr, Arc::downgrade(&ep));
+        let ep = Arc::new(Endpoint::new(addr, key.1.clone()));
+        map.insert(key, Arc::downgrade(&ep));
         ep
     }
 
@@ -371,7 +416,7 @@ impl Registry {
         if pinned.len() >= MAX_PINNED {
             pinned.retain(|_, ep| ep.in_flight() > 0);
         }
-        let ep = self.get(addr);
+        let ep = self.get(addr, None);
         pinned.insert(addr, ep.clone());
         ep
     }
@@ -383,6 +428,7 @@ impl Registry {
             .filter_map(Weak::upgrade)
             .map(|ep| EndpointState {
                 addr: ep.addr,
+                identity: ep.identity.as_deref().map(str::to_string),
                 in_flight: ep.in_flight(),
                 ejected: ep.is_ejected(),
                 connects: ep.connects.load(Ordering::Relaxed),
@@ -400,7 +446,7 @@ mod tests {
 
     #[test]
     fn consecutive_failures_eject_for_a_growing_interval() {
-        let ep = Endpoint::new(SocketAddr::from(([127, 0, 0, 1], 1)));
+        let ep = Endpoint::new(SocketAddr::from(([127, 0, 0, 1], 1)), None);
         let policy = OutlierPolicy {
             consecutive_failures: 3,
             base_ejection: Duration::from_millis(40),

@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper_util::rt::TokioIo;
+use sidemesh_config::MtlsMode;
 use tower::Service;
 
 use crate::app::Proxy;
@@ -90,10 +91,21 @@ async fn forward(proxy: Arc<Proxy>, mut req: Request<Body>) -> Result<Response<B
     headers::for_upstream(&mut parts, version);
     let req = Request::from_parts(parts, body);
 
+    // Meshed endpoints get mutual TLS unless the mesh has it disabled.
+    let tls = match &endpoint.identity {
+        Some(_) if proxy.mtls() != MtlsMode::Disabled => {
+            Some(proxy.identity.current().ok_or(ProxyError::NoCertificate {
+                endpoint: endpoint.addr,
+            })?)
+        }
+        _ => None,
+    };
     let sent = if upgrade {
-        endpoint.send_upgrade(req, &proxy.pool).await
+        endpoint
+            .send_upgrade(req, &proxy.pool, tls.as_deref())
+            .await
     } else {
-        endpoint.send(req, &proxy.pool).await
+        endpoint.send(req, &proxy.pool, tls.as_deref()).await
     };
     let outcome = match &sent {
         Ok(resp) if resp.status().is_server_error() => Outcome::Failure,

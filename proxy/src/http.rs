@@ -10,7 +10,7 @@ use http::{Request, Response, header};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::app::Proxy;
 use crate::body::{self, Body};
@@ -21,7 +21,6 @@ use crate::headers;
 use crate::metrics::{Direction, RouteMetrics};
 use crate::pipeline;
 use crate::respond::{self, ProxyError};
-use crate::rewind::Rewind;
 use crate::snapshot::{RequestView, Snapshot};
 
 /// What the connection stages learned about a connection, for every request on it.
@@ -30,7 +29,39 @@ pub struct ConnInfo {
     pub client: SocketAddr,
     pub direction: Direction,
     pub target: Target,
+    /// The caller's SPIFFE ID, from its certificate (inbound mTLS only).
+    pub peer_identity: Option<Arc<str>>,
+    /// Inbound requests of this caller, counted per identity (made once per connection).
+    client_requests: Option<prometheus_client::metrics::counter::Counter>,
 }
+
+impl ConnInfo {
+    pub fn new(
+        client: SocketAddr,
+        direction: Direction,
+        target: Target,
+        peer_identity: Option<Arc<str>>,
+        proxy: &Proxy,
+    ) -> Self {
+        let client_requests = (direction == Direction::Inbound)
+            .then(|| proxy.metrics.inbound_client(peer_identity.as_deref()));
+        Self {
+            client,
+            direction,
+            target,
+            peer_identity,
+            client_requests,
+        }
+    }
+}
+
+/// The header that tells the application who called (inbound, mTLS callers only). One that
+/// arrives from outside is removed, so the application can trust it.
+pub const CLIENT_ID_HEADER: &str = "x-sidemesh-client-id";
+
+/// The caller's identity, for the request stages (rate-limit keys).
+#[derive(Debug, Clone)]
+pub struct PeerIdentity(pub Arc<str>);
 
 /// What the client is calling, as far as the connection tells.
 #[derive(Debug, Clone)]
@@ -45,13 +76,15 @@ pub enum Target {
     App(SocketAddr),
 }
 
-pub async fn serve(
-    io: Rewind<TcpStream>,
+pub async fn serve<I>(
+    io: I,
     protocol: Protocol,
     conn: ConnInfo,
     proxy: Arc<Proxy>,
     mut drain: Drain,
-) {
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let conn = Arc::new(conn);
     let service = {
         let proxy = proxy.clone();
@@ -121,7 +154,20 @@ async fn handle(
     };
     headers::strip_hop_by_hop(&mut parts.headers);
     if conn.direction == Direction::Inbound {
+        if let Some(counter) = &conn.client_requests {
+            counter.inc();
+        }
+        if let Err(e) = authorize(&snapshot, conn.peer_identity.as_deref()) {
+            return Ok(respond::error_response(&e, grpc));
+        }
         headers::append_forwarded_for(&mut parts.headers, conn.client.ip());
+        parts.headers.remove(CLIENT_ID_HEADER);
+        if let Some(identity) = &conn.peer_identity {
+            if let Ok(value) = http::HeaderValue::from_str(identity) {
+                parts.headers.insert(CLIENT_ID_HEADER, value);
+            }
+            parts.extensions.insert(PeerIdentity(identity.clone()));
+        }
     }
     parts.extensions.insert(destination);
     parts
@@ -147,6 +193,24 @@ async fn handle(
         metrics.record(conn.direction, resp.status(), started.elapsed());
     }
     Ok(resp)
+}
+
+/// Inbound authorization: the local service's policy, if it has one, decides; without one any
+/// caller is allowed. Callers without an identity (plaintext) match no policy.
+fn authorize(snapshot: &Snapshot, identity: Option<&str>) -> Result<(), ProxyError> {
+    let Some(service) = snapshot.local_service() else {
+        return Ok(());
+    };
+    match &service.authorization {
+        Some(policy) if !policy.allows(identity) => Err(ProxyError::Forbidden {
+            identity: identity.map_or_else(
+                || "an unauthenticated (plaintext) caller".to_string(),
+                str::to_string,
+            ),
+            service: service.id.to_string(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Routing: which service, which route, or which single address this request goes to.

@@ -6,6 +6,8 @@
 //! - `detect`: protocol detection (HTTP/1, HTTP/2, TLS, opaque).
 //! - `http`: serving HTTP connections; the per-request handler and routing.
 //! - `tcp`: opaque byte forwarding.
+//! - `tls`: mutual TLS between proxies: handshakes, SPIFFE ID checks, ALPN.
+//! - `identity`: the workload certificate: CSR to the control plane's CA, renewal.
 //! - `pipeline`: the request stages, in order.
 //! - `ratelimit`, `timeout`, `retry`, `forward`: request stages.
 //! - `snapshot`: compiled routing config; route matching.
@@ -31,6 +33,7 @@ pub mod endpoint;
 pub mod forward;
 pub mod headers;
 pub mod http;
+pub mod identity;
 pub mod metrics;
 pub mod pipeline;
 pub mod ratelimit;
@@ -41,3 +44,4 @@ pub mod rewind;
 pub mod snapshot;
 pub mod tcp;
 pub mod timeout;
+pub mod tls;

@@ -45,6 +45,8 @@ struct DirectionLabels {
 struct ProtocolLabels {
     direction: &'static str,
     protocol: &'static str,
+    /// `mtls` (between proxies) or `plaintext`.
+    tls: &'static str,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -98,6 +100,15 @@ pub struct Metrics {
     rate_limited: Family<RouteLatencyLabels, Counter>,
     retries: Family<RouteLatencyLabels, Counter>,
     retry_budget_exhausted: Family<RouteLatencyLabels, Counter>,
+    identity_expiry: Gauge<u64, AtomicU64>,
+    identity_renewals: Family<ResultLabels, Counter>,
+    inbound_clients: Family<ClientLabels, Counter>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ClientLabels {
+    /// The caller's SPIFFE ID, or `unauthenticated` (plaintext, permissive mode).
+    client_id: String,
 }
 
 /// Handles for one route in both directions, created on first use and then cached, so
@@ -192,8 +203,29 @@ impl Metrics {
             "Retriable failures returned as they were because the retry budget was spent",
             retry_budget_exhausted.clone(),
         );
+        let identity_expiry = Gauge::<u64, AtomicU64>::default();
+        registry.register(
+            "identity_cert_expiry_timestamp_seconds",
+            "When the workload certificate in force expires (Unix time)",
+            identity_expiry.clone(),
+        );
+        let identity_renewals = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "identity_renewals",
+            "Workload certificate renewals, by result (`renewed` or `failed`)",
+            identity_renewals.clone(),
+        );
+        let inbound_clients = Family::<ClientLabels, Counter>::default();
+        registry.register(
+            "inbound_requests_by_client",
+            "Inbound requests by the caller's identity",
+            inbound_clients.clone(),
+        );
         Self {
             registry,
+            identity_expiry,
+            identity_renewals,
+            inbound_clients,
             requests,
             latency,
             open_connections,
@@ -255,11 +287,13 @@ impl Metrics {
         &self,
         direction: Direction,
         protocol: &'static str,
+        mtls: bool,
     ) -> ConnectionGuard {
         self.connections
             .get_or_create(&ProtocolLabels {
                 direction: direction.as_str(),
                 protocol,
+                tls: if mtls { "mtls" } else { "plaintext" },
             })
             .inc();
         let gauge = self
@@ -270,6 +304,27 @@ impl Metrics {
             .clone();
         gauge.inc();
         ConnectionGuard(gauge)
+    }
+
+    pub fn identity_expiry(&self, unix_seconds: u64) {
+        self.identity_expiry.set(unix_seconds);
+    }
+
+    pub fn identity_renewed(&self, ok: bool) {
+        let result = if ok { "renewed" } else { "failed" };
+        self.identity_renewals
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
+    /// The counter of inbound requests from `client` (a SPIFFE ID, or `None`), to keep for a
+    /// connection's life.
+    pub fn inbound_client(&self, client: Option<&str>) -> Counter {
+        self.inbound_clients
+            .get_or_create(&ClientLabels {
+                client_id: client.unwrap_or("unauthenticated").to_string(),
+            })
+            .clone()
     }
 
     pub fn connection_refused(&self, reason: &'static str) {

@@ -191,7 +191,7 @@ impl Limiter {
     fn key(&self, caller: &Caller<'_>) -> Option<String> {
         match &self.spec.key {
             RateLimitKey::None => None,
-            // Without mTLS a caller has no identity; all such callers share one bucket.
+            // Callers without mTLS have no identity; all of them share one bucket.
             RateLimitKey::Identity => {
                 Some(caller.identity.unwrap_or("unauthenticated").to_string())
             }
@@ -333,7 +333,10 @@ where
             .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
         let caller = Caller {
             ip,
-            identity: None,
+            identity: req
+                .extensions()
+                .get::<crate::http::PeerIdentity>()
+                .map(|p| &*p.0),
             headers: req.headers(),
         };
         match limiter.check(&caller) {

@@ -38,6 +38,15 @@ pub enum ProxyError {
         endpoint: SocketAddr,
         reason: String,
     },
+    #[error("mutual TLS with {endpoint} failed: {reason}")]
+    Tls {
+        endpoint: SocketAddr,
+        reason: String,
+    },
+    #[error("no workload certificate yet: cannot call the meshed endpoint {endpoint}")]
+    NoCertificate { endpoint: SocketAddr },
+    #[error("{identity} is not allowed to call {service}")]
+    Forbidden { identity: String, service: String },
     #[error("upstream {endpoint} failed: {source}")]
     Upstream {
         endpoint: SocketAddr,
@@ -59,8 +68,12 @@ pub enum ProxyError {
 impl ProxyError {
     pub fn side(&self) -> Side {
         match self {
-            ProxyError::BadRequest { .. } | ProxyError::RateLimited { .. } => Side::Downstream,
-            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => Side::Upstream,
+            ProxyError::BadRequest { .. }
+            | ProxyError::RateLimited { .. }
+            | ProxyError::Forbidden { .. } => Side::Downstream,
+            ProxyError::Connect { .. } | ProxyError::Tls { .. } | ProxyError::Upstream { .. } => {
+                Side::Upstream
+            }
             _ => Side::Proxy,
         }
     }
@@ -71,7 +84,11 @@ impl ProxyError {
             ProxyError::NoEndpoints { .. } | ProxyError::AllEjected { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ProxyError::Connect { .. } | ProxyError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::Connect { .. } | ProxyError::Tls { .. } | ProxyError::Upstream { .. } => {
+                StatusCode::BAD_GATEWAY
+            }
+            ProxyError::NoCertificate { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -86,6 +103,9 @@ impl ProxyError {
             ProxyError::AllEjected { .. } => "all-endpoints-ejected",
             ProxyError::Connect { .. } => "upstream-connect-failure",
             ProxyError::Upstream { .. } => "upstream-failure",
+            ProxyError::Tls { .. } => "upstream-tls-failure",
+            ProxyError::NoCertificate { .. } => "no-certificate",
+            ProxyError::Forbidden { .. } => "forbidden",
             ProxyError::Timeout { .. } => "request-timeout",
             ProxyError::BadRequest { .. } => "bad-request",
             ProxyError::RateLimited { .. } => "rate-limited",

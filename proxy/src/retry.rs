@@ -281,7 +281,10 @@ fn retriable(result: &Result<Response<Body>, ProxyError>, retry_on: &[RetryOn]) 
     let status = match result {
         Ok(resp) => resp.status().as_u16(),
         Err(ProxyError::Timeout { .. }) => 504,
-        Err(ProxyError::Connect { .. }) => return retry_on.contains(&RetryOn::ConnectFailure),
+        // A failed handshake is a failed connection: another endpoint may do.
+        Err(ProxyError::Connect { .. } | ProxyError::Tls { .. }) => {
+            return retry_on.contains(&RetryOn::ConnectFailure);
+        }
         Err(ProxyError::Upstream { .. }) => return retry_on.contains(&RetryOn::Reset),
         Err(_) => return false,
     };

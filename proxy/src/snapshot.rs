@@ -14,6 +14,9 @@ use crate::metrics::{Direction, Metrics, RouteMetrics};
 use crate::ratelimit::Limiter;
 use crate::retry::RetryState;
 
+/// Endpoints that are meshed proxies, with the SPIFFE ID each must present.
+pub type Meshed = HashMap<std::net::SocketAddr, Arc<str>>;
+
 #[derive(Debug)]
 pub struct Snapshot {
     pub version: u64,
@@ -37,6 +40,8 @@ pub struct ServiceEntry {
     default_route: Arc<RouteEntry>,
     /// The service's inbound limit, applied by its own proxies.
     pub inbound_limiter: Option<Arc<Limiter>>,
+    /// Who may call the service, enforced by its own proxies.
+    pub authorization: Option<sidemesh_config::Authorization>,
 }
 
 #[derive(Debug)]
@@ -75,12 +80,26 @@ impl Snapshot {
         }
     }
 
+    /// A snapshot whose endpoints are all plaintext (a static config).
     pub fn compile(
         mesh: Mesh,
         version: u64,
         local: &str,
         registry: &Registry,
         metrics: &Metrics,
+    ) -> Result<Self, CompileError> {
+        Self::compile_meshed(mesh, version, local, registry, metrics, &Meshed::new())
+    }
+
+    /// A snapshot where the endpoints in `meshed` are proxies that must present the given
+    /// SPIFFE ID (the control plane says which).
+    pub fn compile_meshed(
+        mesh: Mesh,
+        version: u64,
+        local: &str,
+        registry: &Registry,
+        metrics: &Metrics,
+        meshed: &Meshed,
     ) -> Result<Self, CompileError> {
         let local_id = find_service(&mesh, local).ok_or_else(|| {
             let names: Vec<String> = mesh.services.iter().map(|s| s.id.to_string()).collect();
@@ -89,7 +108,11 @@ impl Snapshot {
 
         let mut balancers: HashMap<ServiceId, Arc<Balancer>> = HashMap::new();
         for s in &mesh.services {
-            let endpoints = s.endpoints.iter().map(|addr| registry.get(*addr)).collect();
+            let endpoints = s
+                .endpoints
+                .iter()
+                .map(|addr| registry.get(*addr, meshed.get(addr).cloned()))
+                .collect();
             let outlier = OutlierPolicy {
                 consecutive_failures: s.outlier_detection.consecutive_failures,
                 base_ejection: s.outlier_detection.base_ejection.get(),
@@ -185,6 +208,7 @@ impl Snapshot {
                     table: table.into_iter().map(|(_, m, e)| (m, e)).collect(),
                     default_route,
                     inbound_limiter,
+                    authorization: s.inbound.authorization.clone(),
                 }),
             );
         }

@@ -1,36 +1,13 @@
 //! Opaque TCP: bytes forwarded as they are, both ways, with half-close passed on (a client's
 //! FIN becomes a FIN to the upstream, and the other direction keeps flowing until it ends).
 
-use std::net::SocketAddr;
-use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, copy_bidirectional};
 
-use bytes::Bytes;
-use tokio::io::{AsyncWriteExt, copy_bidirectional};
-use tokio::net::TcpStream;
-
-use crate::rewind::Rewind;
-
-/// Connects to `upstream`, sends the bytes already read, then copies both ways until both close.
-pub async fn forward(
-    client: TcpStream,
-    peeked: Bytes,
-    upstream: SocketAddr,
-    connect_timeout: Duration,
-) -> std::io::Result<(u64, u64)> {
-    let mut server = match tokio::time::timeout(connect_timeout, TcpStream::connect(upstream)).await
-    {
-        Ok(stream) => stream?,
-        Err(_) => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("connect to {upstream} timed out after {connect_timeout:?}"),
-            ));
-        }
-    };
-    server.set_nodelay(true)?;
-    let mut client = Rewind::new(Bytes::new(), client);
-    if !peeked.is_empty() {
-        server.write_all(&peeked).await?;
-    }
+/// Copies both ways between a client and an upstream connection until both close.
+pub async fn splice<C, S>(mut client: C, mut server: S) -> std::io::Result<(u64, u64)>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     copy_bidirectional(&mut client, &mut server).await
 }

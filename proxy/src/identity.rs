@@ -1,0 +1,296 @@
+//! The workload identity: a certificate for this proxy's SPIFFE ID, asked from the control
+//! plane's CA with a CSR (the private key never leaves the process), renewed at about 70 % of
+//! its lifetime with retries and backoff, and swapped in atomically: new handshakes use the
+//! new certificate, connections already open keep theirs.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
+use rcgen::{CertificateParams, DistinguishedName, KeyPair};
+use rustls::RootCertStore;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde::Serialize;
+use sidemesh_api::v1::certify_request::Credential;
+use sidemesh_api::v1::identity_client::IdentityClient;
+use sidemesh_api::v1::{CertifyRequest, CertifyResponse};
+use tokio::sync::watch;
+
+use crate::app::Proxy;
+use crate::drain::Drain;
+use crate::tls;
+
+/// Renew when this share of the lifetime has passed.
+const RENEW_AT: f64 = 0.7;
+
+/// What proves to the CA which workload this proxy serves.
+#[derive(Debug, Clone)]
+pub enum CredentialSource {
+    /// A local mesh's join token, read from this file at every request.
+    JoinTokenFile(PathBuf),
+    /// A projected Kubernetes service-account token, re-read at every request (it rotates).
+    ServiceAccountTokenFile(PathBuf),
+}
+
+/// Where and as whom to ask for certificates.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub url: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub credential: CredentialSource,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertifyError {
+    #[error("cannot read the credential {path}: {source}")]
+    Credential {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot make a key or signing request: {0}")]
+    Key(#[from] rcgen::Error),
+    #[error("cannot reach the control plane: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("the control plane refused: {}", .0.message())]
+    Refused(#[from] tonic::Status),
+    #[error("the issued certificate is not usable: {0}")]
+    Unusable(String),
+}
+
+/// A certificate in force, with the TLS settings built from it.
+pub struct Credentials {
+    pub identity: Arc<str>,
+    pub not_after: SystemTime,
+    pub received: SystemTime,
+    pub serial: String,
+    pub roots: usize,
+    pub tls: tls::Configs,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("identity", &self.identity)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Credentials {
+    /// When to ask for the next certificate.
+    fn renew_at(&self) -> SystemTime {
+        let life = self
+            .not_after
+            .duration_since(self.received)
+            .unwrap_or_default();
+        self.received + life.mul_f64(RENEW_AT)
+    }
+}
+
+/// What `/config_dump` shows of the identity (never the key).
+#[derive(Debug, Serialize)]
+pub struct IdentityDump {
+    pub identity: Option<String>,
+    pub not_after_unix: Option<u64>,
+    pub serial: Option<String>,
+    pub trust_roots: Option<usize>,
+    pub renewals: u64,
+    pub source: &'static str,
+}
+
+/// The proxy's identity state: shared by every connection.
+#[derive(Debug)]
+pub struct IdentityState {
+    pub source: Option<Source>,
+    current: ArcSwapOption<Credentials>,
+    installed: watch::Sender<u64>,
+}
+
+impl IdentityState {
+    pub fn new(source: Option<Source>) -> Self {
+        Self {
+            source,
+            current: ArcSwapOption::empty(),
+            installed: watch::channel(0).0,
+        }
+    }
+
+    /// The certificate in force, if any.
+    pub fn current(&self) -> Option<Arc<Credentials>> {
+        self.current.load_full()
+    }
+
+    /// Ready to serve: no identity is configured, or a certificate is in force.
+    pub fn ready(&self) -> bool {
+        self.source.is_none() || self.current.load().is_some()
+    }
+
+    /// Waits until a certificate is in force (returns at once when none is configured).
+    pub async fn wait_ready(&self) {
+        let mut rx = self.installed.subscribe();
+        while !self.ready() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    pub fn renewals(&self) -> u64 {
+        self.installed.borrow().saturating_sub(1)
+    }
+
+    fn install(&self, credentials: Credentials) {
+        self.current.store(Some(Arc::new(credentials)));
+        self.installed.send_modify(|n| *n += 1);
+    }
+
+    pub fn dump(&self) -> IdentityDump {
+        let current = self.current();
+        IdentityDump {
+            identity: current.as_ref().map(|c| c.identity.to_string()),
+            not_after_unix: current
+                .as_ref()
+                .and_then(|c| c.not_after.duration_since(UNIX_EPOCH).ok())
+                .map(|d| d.as_secs()),
+            serial: current.as_ref().map(|c| c.serial.clone()),
+            trust_roots: current.as_ref().map(|c| c.roots),
+            renewals: self.renewals(),
+            source: match self.source.as_ref().map(|s| &s.credential) {
+                None => "none (plaintext only)",
+                Some(CredentialSource::JoinTokenFile(_)) => "join token",
+                Some(CredentialSource::ServiceAccountTokenFile(_)) => "service-account token",
+            },
+        }
+    }
+}
+
+/// Gets the first certificate, then renews it for as long as the proxy runs.
+pub async fn run(proxy: Arc<Proxy>, mut drain: Drain) {
+    let Some(source) = proxy.identity.source.clone() else {
+        return;
+    };
+    let mut failures = 0u32;
+    loop {
+        let wait = match certify(&source).await {
+            Ok(credentials) => {
+                failures = 0;
+                let renew_in = credentials
+                    .renew_at()
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                if let Ok(expiry) = credentials.not_after.duration_since(UNIX_EPOCH) {
+                    proxy.metrics.identity_expiry(expiry.as_secs());
+                }
+                let first = proxy.identity.current().is_none();
+                tracing::info!(identity = %credentials.identity, renew_in = ?renew_in, serial = %credentials.serial, "{}", if first { "workload certificate installed" } else { "workload certificate renewed" });
+                proxy.identity.install(credentials);
+                if !first {
+                    proxy.metrics.identity_renewed(true);
+                }
+                renew_in
+            }
+            Err(e) => {
+                failures += 1;
+                proxy.metrics.identity_renewed(false);
+                // Full jitter, 500 ms doubling to 30 s; never later than the expiry needs.
+                let ceiling = Duration::from_millis(500)
+                    .saturating_mul(1 << failures.min(6))
+                    .min(Duration::from_secs(30));
+                let wait = ceiling.mul_f64(fastrand::f64().max(0.1));
+                let left = proxy.identity.current().and_then(|c| {
+                    c.not_after
+                        .duration_since(SystemTime::now())
+                        .ok()
+                        .map(|d| d.as_secs())
+                });
+                tracing::warn!(control_plane = %source.url, error = %e, retry_in = ?wait, valid_for_secs = ?left, "cannot get a workload certificate");
+                wait
+            }
+        };
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = drain.signaled() => return,
+        }
+    }
+}
+
+/// One round trip to the CA: a fresh key, a CSR, the signed chain and the trust roots.
+pub async fn certify(source: &Source) -> Result<Credentials, CertifyError> {
+    let read = |path: &PathBuf| {
+        std::fs::read_to_string(path)
+            .map(|s| s.trim().to_string())
+            .map_err(|e| CertifyError::Credential {
+                path: path.clone(),
+                source: e,
+            })
+    };
+    let credential = match &source.credential {
+        CredentialSource::JoinTokenFile(path) => Credential::JoinToken(read(path)?),
+        CredentialSource::ServiceAccountTokenFile(path) => {
+            Credential::ServiceAccountToken(read(path)?)
+        }
+    };
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    let csr = params.serialize_request(&key)?;
+    let channel = tonic::transport::Endpoint::from_shared(source.url.clone())?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(10))
+        .connect()
+        .await?;
+    let response = IdentityClient::new(channel)
+        .certify(CertifyRequest {
+            namespace: source.namespace.clone(),
+            service_account: source.service_account.clone(),
+            csr: csr.der().to_vec(),
+            credential: Some(credential),
+        })
+        .await?
+        .into_inner();
+    credentials(response, key)
+}
+
+fn credentials(response: CertifyResponse, key: KeyPair) -> Result<Credentials, CertifyError> {
+    let unusable = |why: String| CertifyError::Unusable(why);
+    let chain: Vec<CertificateDer<'static>> = response
+        .chain
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    let leaf = chain
+        .first()
+        .ok_or_else(|| unusable("no certificate in the answer".into()))?;
+    let identity = tls::spiffe_id(leaf).map_err(|e| unusable(e.to_string()))?;
+    if identity != response.identity {
+        return Err(unusable(format!(
+            "the certificate names {identity}, the answer {}",
+            response.identity
+        )));
+    }
+    let serial = x509_parser::parse_x509_certificate(leaf)
+        .map(|(_, c)| c.raw_serial_as_string())
+        .unwrap_or_default();
+    let mut roots = RootCertStore::empty();
+    for root in response.trust_roots {
+        roots
+            .add(CertificateDer::from(root))
+            .map_err(|e| unusable(format!("bad trust root: {e}")))?;
+    }
+    let root_count = roots.len();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let identity: Arc<str> = Arc::from(identity);
+    let tls = tls::Configs::new(chain, key, roots).map_err(|e| unusable(e.to_string()))?;
+    let not_after =
+        UNIX_EPOCH + Duration::from_secs(u64::try_from(response.not_after).unwrap_or(0));
+    Ok(Credentials {
+        identity,
+        not_after,
+        received: SystemTime::now(),
+        serial,
+        roots: root_count,
+        tls,
+    })
+}
