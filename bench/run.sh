@@ -4,7 +4,7 @@
 #
 #   bench/run.sh                 # 3 interleaved rounds (about 10 minutes on 2 cores)
 #   bench/run.sh --rounds 5      # more rounds, tighter spread
-#   bench/run.sh --only control-plane   # one section only
+#   bench/run.sh --only control-plane   # one section only (data-plane, control-plane, policies, mtls)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +14,7 @@ command -v haproxy >/dev/null || missing+=(haproxy)
 command -v wrk >/dev/null || missing+=(wrk)
 command -v h2load >/dev/null || missing+=(nghttp2-client)
 command -v taskset >/dev/null || missing+=(util-linux)
+command -v openssl >/dev/null || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd=sudo
   $sudo_cmd apt-get update -qq

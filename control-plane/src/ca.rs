@@ -309,7 +309,7 @@ mod tests {
             .collect();
         assert_eq!(
             sans,
-            vec!["URI:spiffe://cluster.local/ns/demo/sa/orders".to_string()],
+            vec!["URI(spiffe://cluster.local/ns/demo/sa/orders)".to_string()],
             "only the SPIFFE ID; the name the request asked for is ignored"
         );
 

@@ -142,6 +142,7 @@ fn identity_source(args: &Args) -> Option<identity::Source> {
     let local = local_service(args);
     Some(identity::Source {
         url,
+        state_dir: args.state_dir.clone(),
         service_account: args.service_account.clone().unwrap_or(local.name),
         namespace: local.namespace,
         credential,
@@ -260,6 +261,18 @@ pub async fn build(args: Args) -> Result<App, StartError> {
         ready: AtomicBool::new(false),
         config_applied: AtomicBool::new(applied),
     });
+    if let Some(stored) = proxy
+        .identity
+        .source
+        .as_ref()
+        .and_then(|s| s.state_dir.as_deref())
+        .and_then(identity::load_stored)
+    {
+        if let Ok(expiry) = stored.not_after.duration_since(std::time::UNIX_EPOCH) {
+            proxy.metrics.identity_expiry(expiry.as_secs());
+        }
+        proxy.identity.preload(stored);
+    }
     let source = match source {
         ConfigSource::ControlPlane(mut identity, hash) => {
             identity.address = identity.address.or(inbound_addr);
@@ -320,14 +333,21 @@ impl App {
         }
         drop(drain);
         self.proxy.ready.store(true, Ordering::Release);
-        tracing::info!(
-            service = %self.proxy.service,
-            version = self.proxy.snapshot.load().version,
-            config = self.proxy.config_applied.load(Ordering::Acquire),
-            "ready"
-        );
-
-        shutdown.await;
+        // Ready means able to serve: with an identity configured, once a certificate is in.
+        tokio::pin!(shutdown);
+        let stopped = tokio::select! {
+            () = self.proxy.identity.wait_ready() => false,
+            () = &mut shutdown => true,
+        };
+        if !stopped {
+            tracing::info!(
+                service = %self.proxy.service,
+                version = self.proxy.snapshot.load().version,
+                config = self.proxy.config_applied.load(Ordering::Acquire),
+                "ready"
+            );
+            shutdown.await;
+        }
         self.proxy.ready.store(false, Ordering::Release);
         tracing::info!(grace = ?self.proxy.timeouts.drain, "draining: no new connections, finishing requests in flight");
         if controller.drain(self.proxy.timeouts.drain).await {

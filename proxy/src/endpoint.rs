@@ -352,6 +352,9 @@ pub struct EndpointState {
     pub connect_failures: u64,
 }
 
+/// An endpoint is its address and, when meshed, the identity its proxy must present.
+type EndpointKey = (SocketAddr, Option<Arc<str>>);
+
 /// Endpoints by address, shared across config versions.
 ///
 /// Service endpoints are held by the snapshots that use them (the registry only keeps weak
@@ -360,7 +363,7 @@ pub struct EndpointState {
 /// bound, or their pooled connections would be dropped after every request.
 #[derive(Debug, Default)]
 pub struct Registry {
-    endpoints: Mutex<HashMap<(SocketAddr, Option<Arc<str>>), Weak<Endpoint>>>,
+    endpoints: Mutex<HashMap<EndpointKey, Weak<Endpoint>>>,
     pinned: Mutex<HashMap<SocketAddr, Arc<Endpoint>>>,
     /// Rate limiters by scope and settings: a reload that keeps a limit keeps its buckets
     /// (a fresh limiter would hand every client a new burst).

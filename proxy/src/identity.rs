@@ -3,7 +3,7 @@
 //! its lifetime with retries and backoff, and swapped in atomically: new handshakes use the
 //! new certificate, connections already open keep theirs.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -37,6 +37,8 @@ pub enum CredentialSource {
 #[derive(Debug, Clone)]
 pub struct Source {
     pub url: String,
+    /// Where the certificate is kept between runs (the proxy's `--state-dir`).
+    pub state_dir: Option<PathBuf>,
     pub namespace: String,
     pub service_account: String,
     pub credential: CredentialSource,
@@ -67,6 +69,8 @@ pub struct Credentials {
     pub serial: String,
     pub roots: usize,
     pub tls: tls::Configs,
+    /// Set on certificates fresh from the CA, to store them.
+    files: Option<Files>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -137,8 +141,18 @@ impl IdentityState {
         }
     }
 
+    fn installed_any(&self) -> bool {
+        *self.installed.borrow() > 0
+    }
+
     pub fn renewals(&self) -> u64 {
         self.installed.borrow().saturating_sub(1)
+    }
+
+    /// Starts with a stored certificate (before the first renewal).
+    pub fn preload(&self, credentials: Credentials) {
+        self.current.store(Some(Arc::new(credentials)));
+        self.installed.send_modify(|n| *n += 1);
     }
 
     fn install(&self, credentials: Credentials) {
@@ -174,7 +188,12 @@ pub async fn run(proxy: Arc<Proxy>, mut drain: Drain) {
     let mut failures = 0u32;
     loop {
         let wait = match certify(&source).await {
-            Ok(credentials) => {
+            Ok(mut credentials) => {
+                if let (Some(dir), Some(files)) = (&source.state_dir, credentials.files.take()) {
+                    if let Err(e) = store(dir, &files) {
+                        tracing::warn!(dir = %dir.display(), error = %e, "cannot store the workload certificate; a restart without the control plane would have none");
+                    }
+                }
                 failures = 0;
                 let renew_in = credentials
                     .renew_at()
@@ -183,7 +202,7 @@ pub async fn run(proxy: Arc<Proxy>, mut drain: Drain) {
                 if let Ok(expiry) = credentials.not_after.duration_since(UNIX_EPOCH) {
                     proxy.metrics.identity_expiry(expiry.as_secs());
                 }
-                let first = proxy.identity.current().is_none();
+                let first = !proxy.identity.installed_any();
                 tracing::info!(identity = %credentials.identity, renew_in = ?renew_in, serial = %credentials.serial, "{}", if first { "workload certificate installed" } else { "workload certificate renewed" });
                 proxy.identity.install(credentials);
                 if !first {
@@ -254,43 +273,142 @@ pub async fn certify(source: &Source) -> Result<Credentials, CertifyError> {
 }
 
 fn credentials(response: CertifyResponse, key: KeyPair) -> Result<Credentials, CertifyError> {
-    let unusable = |why: String| CertifyError::Unusable(why);
     let chain: Vec<CertificateDer<'static>> = response
         .chain
         .into_iter()
         .map(CertificateDer::from)
         .collect();
-    let leaf = chain
-        .first()
-        .ok_or_else(|| unusable("no certificate in the answer".into()))?;
-    let identity = tls::spiffe_id(leaf).map_err(|e| unusable(e.to_string()))?;
-    if identity != response.identity {
-        return Err(unusable(format!(
-            "the certificate names {identity}, the answer {}",
-            response.identity
+    let roots: Vec<CertificateDer<'static>> = response
+        .trust_roots
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    let credentials = assemble(&chain, key.clone_key(), &roots)?;
+    if *credentials.identity != response.identity {
+        return Err(CertifyError::Unusable(format!(
+            "the certificate names {}, the answer {}",
+            credentials.identity, response.identity
         )));
     }
-    let serial = x509_parser::parse_x509_certificate(leaf)
-        .map(|(_, c)| c.raw_serial_as_string())
-        .unwrap_or_default();
+    Ok(credentials.with_files(chain, key, roots))
+}
+
+/// Credentials from a chain (leaf first), its key and the trust roots.
+fn assemble(
+    chain: &[CertificateDer<'static>],
+    key: PrivateKeyDer<'static>,
+    trust_roots: &[CertificateDer<'static>],
+) -> Result<Credentials, CertifyError> {
+    let unusable = |why: String| CertifyError::Unusable(why);
+    let leaf = chain
+        .first()
+        .ok_or_else(|| unusable("no certificate in the chain".into()))?;
+    let identity = tls::spiffe_id(leaf).map_err(|e| unusable(e.to_string()))?;
+    let (serial, not_after) = x509_parser::parse_x509_certificate(leaf)
+        .map(|(_, c)| {
+            let secs = u64::try_from(c.validity().not_after.timestamp()).unwrap_or(0);
+            (
+                c.raw_serial_as_string(),
+                UNIX_EPOCH + Duration::from_secs(secs),
+            )
+        })
+        .map_err(|e| unusable(format!("unparsable certificate: {e}")))?;
     let mut roots = RootCertStore::empty();
-    for root in response.trust_roots {
+    for root in trust_roots {
         roots
-            .add(CertificateDer::from(root))
+            .add(root.clone())
             .map_err(|e| unusable(format!("bad trust root: {e}")))?;
     }
     let root_count = roots.len();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-    let identity: Arc<str> = Arc::from(identity);
-    let tls = tls::Configs::new(chain, key, roots).map_err(|e| unusable(e.to_string()))?;
-    let not_after =
-        UNIX_EPOCH + Duration::from_secs(u64::try_from(response.not_after).unwrap_or(0));
+    let tls = tls::Configs::new(chain.to_vec(), key, roots).map_err(|e| unusable(e.to_string()))?;
     Ok(Credentials {
-        identity,
+        identity: Arc::from(identity),
         not_after,
         received: SystemTime::now(),
         serial,
         roots: root_count,
         tls,
+        files: None,
     })
+}
+
+const CHAIN_FILE: &str = "workload-chain.pem";
+const KEY_FILE: &str = "workload-key.pem";
+const ROOTS_FILE: &str = "trust-roots.pem";
+
+/// What is written to the state folder, so a restart while the control plane is down still
+/// has a certificate (the key file is 0600, like the CA's).
+struct Files {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    roots: Vec<CertificateDer<'static>>,
+}
+
+impl Credentials {
+    fn with_files(
+        mut self,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        roots: Vec<CertificateDer<'static>>,
+    ) -> Self {
+        self.files = Some(Files { chain, key, roots });
+        self
+    }
+}
+
+fn pem(label: &str, ders: &[&[u8]]) -> String {
+    ders.iter()
+        .map(|der| ::pem::encode(&::pem::Pem::new(label, der.to_vec())))
+        .collect()
+}
+
+fn store(dir: &Path, files: &Files) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir)?;
+    let write = |name: &str, text: String| -> std::io::Result<()> {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dir.join(name))
+    };
+    let chain: Vec<&[u8]> = files.chain.iter().map(|c| c.as_ref()).collect();
+    let roots: Vec<&[u8]> = files.roots.iter().map(|c| c.as_ref()).collect();
+    write(KEY_FILE, pem("PRIVATE KEY", &[files.key.secret_der()]))?;
+    write(CHAIN_FILE, pem("CERTIFICATE", &chain))?;
+    write(ROOTS_FILE, pem("CERTIFICATE", &roots))
+}
+
+/// The certificate a previous run stored, if it is still valid.
+pub fn load_stored(dir: &Path) -> Option<Credentials> {
+    use rustls_pki_types::pem::PemObject;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join(CHAIN_FILE))
+        .ok()?
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let roots: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join(ROOTS_FILE))
+        .ok()?
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let key = PrivateKeyDer::from_pem_file(dir.join(KEY_FILE)).ok()?;
+    let credentials = match assemble(&chain, key, &roots) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "ignoring an unusable stored certificate");
+            return None;
+        }
+    };
+    if credentials.not_after <= SystemTime::now() {
+        tracing::info!(dir = %dir.display(), "the stored certificate has expired; waiting for a new one");
+        return None;
+    }
+    tracing::info!(identity = %credentials.identity, "serving with the stored certificate until the control plane answers");
+    Some(credentials)
 }

@@ -99,6 +99,9 @@ fn provider() -> Arc<CryptoProvider> {
         .clone()
 }
 
+/// Client settings differ by the peer identity expected and the ALPN offered.
+type ClientKey = (Arc<str>, Carried);
+
 /// The TLS settings made from one workload certificate. A renewal builds new ones.
 pub struct Configs {
     pub server: Arc<ServerConfig>,
@@ -107,7 +110,7 @@ pub struct Configs {
     roots: Arc<RootCertStore>,
     /// Per expected peer identity and ALPN offer; each keeps its own session cache, so
     /// reconnections to a peer resume instead of doing a full handshake.
-    clients: Mutex<HashMap<(Arc<str>, Carried), Arc<ClientConfig>>>,
+    clients: Mutex<HashMap<ClientKey, Arc<ClientConfig>>>,
 }
 
 impl std::fmt::Debug for Configs {
@@ -233,6 +236,22 @@ impl ServerCertVerifier for SpiffeVerifier {
     }
 }
 
+/// A handshake failure in words: the identity check's own message when that is what failed.
+fn describe(e: &io::Error) -> String {
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return e.to_string();
+    };
+    match tls {
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {
+            inner.to_string()
+        }
+        rustls::Error::InvalidCertificate(why) => {
+            format!("the server's certificate is not valid: {why:?}")
+        }
+        other => other.to_string(),
+    }
+}
+
 /// Originates mesh TLS over `io` to a proxy at `ip` that must present `expected`.
 pub async fn connect<IO>(
     configs: &Configs,
@@ -251,7 +270,7 @@ where
     // An IP server name: rustls sends no SNI; identity is checked by the verifier instead.
     let handshake = TlsConnector::from(config).connect(ServerName::IpAddress(ip.into()), io);
     match tokio::time::timeout(timeout, handshake).await {
-        Ok(result) => result,
+        Ok(result) => result.map_err(|e| io::Error::new(e.kind(), describe(&e))),
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("TLS handshake timed out after {timeout:?}"),

@@ -35,6 +35,18 @@ impl Mesh {
             .into_owned()
     }
 
+    fn data_dir(&self) -> String {
+        self.dir.path().join("cp").to_string_lossy().into_owned()
+    }
+
+    fn join_token(&self) -> String {
+        self.dir
+            .path()
+            .join("cp/join-token")
+            .to_string_lossy()
+            .into_owned()
+    }
+
     fn state_dir(&self, proxy: &str) -> String {
         self.dir
             .path()
@@ -60,6 +72,8 @@ impl Mesh {
                 "50ms",
                 "--disconnect-grace",
                 "2s",
+                "--data-dir",
+                &self.data_dir(),
             ],
             "ready",
         )
@@ -67,6 +81,7 @@ impl Mesh {
 
     fn proxy(&self, cp: &str, id: &str, service: &str, extra: &[&str]) -> Proc {
         let state = self.state_dir(id);
+        let token = self.join_token();
         let mut args = vec![
             "--control-plane",
             cp,
@@ -80,6 +95,8 @@ impl Mesh {
             "127.0.0.1:0",
             "--outbound",
             "127.0.0.1:0",
+            "--join-token-file",
+            &token,
         ];
         args.extend_from_slice(extra);
         Proc::start_until("sidemesh-proxy", &args, "ready")

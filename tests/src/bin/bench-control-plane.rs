@@ -127,6 +127,8 @@ async fn run(n: usize, changes: usize) -> anyhow::Result<serde_json::Value> {
             &format!("127.0.0.1:{grpc}"),
             "--admin",
             &format!("127.0.0.1:{admin}"),
+            "--data-dir",
+            dir.path().join("cp").to_str().unwrap_or_default(),
         ])
         .env("RUST_LOG", "warn")
         .stderr(std::process::Stdio::null())

@@ -1,0 +1,609 @@
+//! Mutual TLS with the real binaries: the control plane's CA issues certificates, proxies talk
+//! TLS 1.3 to each other, and foreign clients (`openssl s_client`) with no, foreign, expired or
+//! impostor certificates are refused. Authorization, trust bundles with two roots, and
+//! certificate rotation under steady traffic.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime};
+
+use http::{Method, StatusCode};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use sidemesh_tests::servers::EchoServer;
+use sidemesh_tests::{Proc, eventually, http};
+
+const ORDER_ID: &str = "spiffe://cluster.local/ns/demo/sa/order-service";
+
+/// A control plane with its CA in a temporary folder, and helpers to start proxies.
+struct Mesh {
+    dir: tempfile::TempDir,
+    cp: Proc,
+}
+
+impl Mesh {
+    fn start(yaml: &str, extra: &[&str]) -> Mesh {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("config")).expect("mkdir");
+        std::fs::write(dir.path().join("config/mesh.yaml"), yaml).expect("write");
+        Self::start_in(dir, extra)
+    }
+
+    fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Mesh {
+        let config = dir.path().join("config");
+        let data = dir.path().join("cp");
+        let mut args = vec![
+            "--config",
+            config.to_str().expect("utf-8"),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().expect("utf-8"),
+        ];
+        args.extend_from_slice(extra);
+        let cp = Proc::start_until("sidemesh-control-plane", &args, "ready");
+        Mesh { dir, cp }
+    }
+
+    fn grpc(&self) -> String {
+        format!("http://{}", self.cp.listener("grpc"))
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// A proxy for `service` (in namespace demo) with an app behind it and upstreams.
+    fn proxy(
+        &self,
+        service: &str,
+        app: Option<&EchoServer>,
+        upstreams: &[&str],
+        extra: &[&str],
+    ) -> Proc {
+        let token = self.path("cp/join-token");
+        let app = app.map(|a| a.addr.to_string());
+        let upstreams: Vec<String> = upstreams
+            .iter()
+            .map(|u| format!("{u}=127.0.0.1:0"))
+            .collect();
+        let mut args = vec![
+            "--control-plane".to_string(),
+            self.grpc(),
+            "--service".into(),
+            format!("{service}.demo"),
+            "--proxy-id".into(),
+            service.into(),
+            "--join-token-file".into(),
+            token.to_string_lossy().into_owned(),
+            "--admin".into(),
+            "127.0.0.1:0".into(),
+            "--outbound".into(),
+            "127.0.0.1:0".into(),
+            "--inbound".into(),
+            "127.0.0.1:0".into(),
+        ];
+        if let Some(app) = app {
+            args.extend(["--app".into(), app]);
+        }
+        for u in upstreams {
+            args.extend(["--upstream".into(), u]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Proc::start_until("sidemesh-proxy", &args, "ready")
+    }
+
+    /// Waits until `caller` routes `service` to `callee`'s inbound listener as a meshed endpoint.
+    async fn wait_meshed(&self, caller: &Proc, service: &str, callee: &Proc) {
+        let inbound = callee.listener("inbound").to_string();
+        let admin = caller.listener("admin");
+        eventually(
+            &format!("{service} meshed at {inbound} in the caller's config"),
+            Duration::from_secs(10),
+            || async {
+                let dump = http(
+                    Method::GET,
+                    &format!("http://{admin}/config_dump"),
+                    None,
+                    &[],
+                )
+                .await
+                .ok()?
+                .json();
+                let found = dump["endpoints"]
+                    .as_array()?
+                    .iter()
+                    .any(|e| e["addr"] == inbound.as_str() && e["identity"].is_string());
+                let routed = dump["config"].to_string().contains(&inbound);
+                (found || routed).then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+fn yaml(extra_services: &str) -> String {
+    format!(
+        "apiVersion: sidemesh.io/v1
+kind: Mesh
+mesh:
+  trustDomain: cluster.local
+  mtls: strict
+services:
+  - name: user-service
+    namespace: demo
+    ports: [{{port: 8081}}]
+    inbound:
+      authorization:
+        allow: [{ORDER_ID}]
+  - name: order-service
+    namespace: demo
+    ports: [{{port: 8082}}]
+  - name: stranger
+    namespace: demo
+  - name: payments
+    namespace: demo
+    ports: [{{port: 8083}}]
+{extra_services}"
+    )
+}
+
+async fn call(proxy: &Proc, service: &str, path: &str) -> sidemesh_tests::Response {
+    let addr = proxy.listener(&format!("upstream:{service}"));
+    http(Method::GET, &format!("http://{addr}{path}"), None, &[])
+        .await
+        .expect("request through the caller's proxy")
+}
+
+async fn metrics(proxy: &Proc) -> String {
+    let admin = proxy.listener("admin");
+    http(Method::GET, &format!("http://{admin}/metrics"), None, &[])
+        .await
+        .expect("metrics")
+        .body
+}
+
+/// The value of the first metric line that starts with `prefix`, or 0.
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Runs `openssl s_client` against `addr` with an HTTP/1.1 request on stdin; returns
+/// (handshake and request answered with 200?, output).
+fn s_client(
+    addr: std::net::SocketAddr,
+    cert: Option<(&Path, &Path)>,
+    alpn: &str,
+) -> (bool, String) {
+    let mut cmd = Command::new("openssl");
+    cmd.args([
+        "s_client",
+        "-connect",
+        &addr.to_string(),
+        "-tls1_3",
+        "-quiet",
+        "-no_ign_eof",
+    ]);
+    if !alpn.is_empty() {
+        cmd.args(["-alpn", alpn]);
+    }
+    if let Some((cert, key)) = cert {
+        cmd.arg("-cert").arg(cert).arg("-key").arg(key);
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl s_client (install openssl)");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let _ = stdin
+        .write_all(b"GET /headers HTTP/1.1\r\nhost: user-service\r\nconnection: close\r\n\r\n");
+    // Keep stdin open while the answer comes; s_client exits when the server closes.
+    let out = std::thread::spawn(move || child.wait_with_output());
+    std::thread::sleep(Duration::from_millis(1500));
+    drop(stdin);
+    let output = out.join().expect("join").expect("s_client output");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (text.contains("HTTP/1.1 200"), text)
+}
+
+/// A CA made in the test: a root, or an intermediate signed by another.
+struct TestCa {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+impl TestCa {
+    fn root(name: &str) -> TestCa {
+        let key = KeyPair::generate().expect("key");
+        let params = ca_params(name);
+        let pem = params.self_signed(&key).expect("self-signed").pem();
+        TestCa {
+            issuer: Issuer::new(params, key),
+            pem,
+        }
+    }
+
+    fn intermediate(name: &str, parent: &TestCa) -> TestCa {
+        let key = KeyPair::generate().expect("key");
+        let params = ca_params(name);
+        let pem = params
+            .signed_by(&key, &parent.issuer)
+            .expect("signed")
+            .pem();
+        TestCa {
+            issuer: Issuer::new(params, key),
+            pem,
+        }
+    }
+
+    fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
+    /// A workload certificate for `identity`, valid from `from` to `to` (seconds from now).
+    fn leaf(
+        &self,
+        dir: &Path,
+        name: &str,
+        identity: &str,
+        from: i64,
+        to: i64,
+    ) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::default();
+        params.subject_alt_names =
+            vec![SanType::URI(identity.to_string().try_into().expect("uri"))];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + time::Duration::seconds(from);
+        params.not_after = now + time::Duration::seconds(to);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ClientAuth,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        let cert = params.signed_by(&key, &self.issuer).expect("leaf");
+        let (cert_path, key_path) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&cert_path, cert.pem()).expect("write cert");
+        std::fs::write(&key_path, key.serialize_pem()).expect("write key");
+        (cert_path, key_path)
+    }
+}
+
+fn ca_params(name: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params
+}
+
+/// The control plane's own generated CA, read back from its data folder (as an operator
+/// with access to it could).
+fn generated_ca(mesh: &Mesh) -> TestCa {
+    let pem = std::fs::read_to_string(mesh.path("cp/ca/ca.crt")).expect("ca.crt");
+    let key =
+        KeyPair::from_pem(&std::fs::read_to_string(mesh.path("cp/ca/ca.key")).expect("ca.key"))
+            .expect("key");
+    TestCa {
+        issuer: Issuer::from_ca_cert_pem(&pem, key).expect("parse ca"),
+        pem,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn proxies_talk_mutual_tls_and_plaintext_is_refused_in_strict_mode() {
+    let mesh = Mesh::start(&yaml(""), &[]);
+    let users = EchoServer::start("users").await;
+    let user_proxy = mesh.proxy("user-service", Some(&users), &[], &[]);
+    let order_proxy = mesh.proxy("order-service", None, &["user-service"], &[]);
+    mesh.wait_meshed(&order_proxy, "user-service", &user_proxy)
+        .await;
+
+    let resp = call(&order_proxy, "user-service", "/headers").await;
+    assert_eq!(resp.status, StatusCode::OK, "{}", resp.body);
+    let seen = resp.json();
+    assert_eq!(
+        seen["headers"]["x-sidemesh-client-id"], ORDER_ID,
+        "the app learns the caller's identity: {seen}"
+    );
+    let m = metrics(&user_proxy).await;
+    assert!(
+        metric(
+            &m,
+            "sidemesh_connections_total{direction=\"inbound\",protocol=\"http1\",tls=\"mtls\"}"
+        ) >= 1.0,
+        "the inbound connection was mutual TLS:\n{m}"
+    );
+    assert!(
+        m.contains(&format!(
+            "sidemesh_inbound_requests_by_client_total{{client_id=\"{ORDER_ID}\"}}"
+        )),
+        "{m}"
+    );
+
+    // The identity header cannot be forged from outside: a caller's own value is replaced.
+    let addr = order_proxy.listener("upstream:user-service");
+    let forged = http(
+        Method::GET,
+        &format!("http://{addr}/headers"),
+        None,
+        &[(
+            "x-sidemesh-client-id",
+            "spiffe://cluster.local/ns/demo/sa/admin",
+        )],
+    )
+    .await
+    .expect("request");
+    assert_eq!(forged.json()["headers"]["x-sidemesh-client-id"], ORDER_ID);
+
+    // Plaintext straight to the inbound port: refused, and an HTTP/1 client is told why.
+    let inbound = user_proxy.listener("inbound");
+    let refused = http(Method::GET, &format!("http://{inbound}/headers"), None, &[])
+        .await
+        .expect("an answer");
+    assert_eq!(refused.status, StatusCode::FORBIDDEN);
+    assert_eq!(refused.header("x-sidemesh-error"), Some("mtls-required"));
+    assert_eq!(users.hits(), 2, "the refused request never reached the app");
+    let m = metrics(&user_proxy).await;
+    assert!(
+        metric(
+            &m,
+            "sidemesh_refused_connections_total{reason=\"plaintext\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+
+    // The proxies' certificates and expiry are visible; the key is not.
+    let admin = user_proxy.listener("admin");
+    let dump = http(
+        Method::GET,
+        &format!("http://{admin}/config_dump"),
+        None,
+        &[],
+    )
+    .await
+    .expect("dump");
+    let identity = &dump.json()["identity"];
+    assert_eq!(
+        identity["identity"],
+        "spiffe://cluster.local/ns/demo/sa/user-service"
+    );
+    assert!(
+        identity["not_after_unix"].as_u64().unwrap_or(0) > 0,
+        "{identity}"
+    );
+    assert!(!dump.body.contains("PRIVATE KEY"), "no key in the dump");
+    let key = std::fs::read_to_string(mesh.path("cp/ca/ca.key")).expect("ca key");
+    assert!(!dump.body.contains(key.lines().nth(1).unwrap_or("-")));
+    assert!(
+        metric(&m, "sidemesh_identity_cert_expiry_timestamp_seconds") > 1.7e9,
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn foreign_tls_clients_without_a_valid_certificate_are_refused() {
+    let mesh = Mesh::start(&yaml(""), &[]);
+    let users = EchoServer::start("users").await;
+    let user_proxy = mesh.proxy("user-service", Some(&users), &[], &[]);
+    let inbound = user_proxy.listener("inbound");
+    let dir = mesh.path("certs");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    let ca = generated_ca(&mesh);
+
+    // The control: a certificate from the mesh CA for an allowed identity is accepted, so the
+    // refusals below are about the certificates.
+    let good = ca.leaf(&dir, "good", ORDER_ID, -60, 3600);
+    let (ok, out) = s_client(inbound, Some((&good.0, &good.1)), "http/1.1,sidemesh");
+    assert!(ok, "a valid mesh certificate is accepted:\n{out}");
+    assert!(out.contains(ORDER_ID), "the app saw the identity:\n{out}");
+
+    let (ok, out) = s_client(inbound, None, "http/1.1,sidemesh");
+    assert!(!ok, "no client certificate must be refused:\n{out}");
+    let (ok, out) = s_client(inbound, None, "");
+    assert!(
+        !ok,
+        "an ordinary TLS client is refused in strict mode:\n{out}"
+    );
+
+    let other = TestCa::root("some other CA");
+    let foreign = other.leaf(&dir, "foreign", ORDER_ID, -60, 3600);
+    let (ok, out) = s_client(inbound, Some((&foreign.0, &foreign.1)), "http/1.1,sidemesh");
+    assert!(!ok, "a certificate from another CA must be refused:\n{out}");
+
+    let expired = ca.leaf(&dir, "expired", ORDER_ID, -7200, -3600);
+    let (ok, out) = s_client(inbound, Some((&expired.0, &expired.1)), "http/1.1,sidemesh");
+    assert!(!ok, "an expired certificate must be refused:\n{out}");
+
+    let m = metrics(&user_proxy).await;
+    assert!(
+        metric(
+            &m,
+            "sidemesh_refused_connections_total{reason=\"tls-handshake\"}"
+        ) >= 3.0,
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            "sidemesh_refused_connections_total{reason=\"not-mesh-tls\"}"
+        ) >= 1.0,
+        "{m}"
+    );
+    assert_eq!(users.hits(), 1, "only the valid client reached the app");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_presenting_the_wrong_spiffe_id_is_refused_by_the_caller() {
+    let mesh = Mesh::start(&yaml(""), &[]);
+    let app = EchoServer::start("impostor").await;
+    // Registers as `payments` but runs as another service account: its certificate is real
+    // (the CA signed it) but names the wrong workload.
+    let impostor = mesh.proxy(
+        "payments",
+        Some(&app),
+        &[],
+        &["--service-account", "impostor"],
+    );
+    let order_proxy = mesh.proxy("order-service", None, &["payments"], &[]);
+    mesh.wait_meshed(&order_proxy, "payments", &impostor).await;
+
+    let resp = call(&order_proxy, "payments", "/").await;
+    assert_eq!(resp.status, StatusCode::BAD_GATEWAY, "{}", resp.body);
+    assert_eq!(
+        resp.header("x-sidemesh-error"),
+        Some("upstream-tls-failure")
+    );
+    assert!(
+        resp.body
+            .contains("spiffe://cluster.local/ns/demo/sa/impostor")
+            && resp
+                .body
+                .contains("expected spiffe://cluster.local/ns/demo/sa/payments"),
+        "the error names both identities: {}",
+        resp.body
+    );
+    assert_eq!(app.hits(), 0, "nothing reached the impostor's app");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn authorization_allows_order_service_and_forbids_other_workloads() {
+    let mesh = Mesh::start(&yaml(""), &[]);
+    let users = EchoServer::start("users").await;
+    let user_proxy = mesh.proxy("user-service", Some(&users), &[], &[]);
+    let order_proxy = mesh.proxy("order-service", None, &["user-service"], &[]);
+    let stranger = mesh.proxy("stranger", None, &["user-service"], &[]);
+    mesh.wait_meshed(&order_proxy, "user-service", &user_proxy)
+        .await;
+    mesh.wait_meshed(&stranger, "user-service", &user_proxy)
+        .await;
+
+    let ok = call(&order_proxy, "user-service", "/").await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.body);
+
+    let denied = call(&stranger, "user-service", "/").await;
+    assert_eq!(denied.status, StatusCode::FORBIDDEN, "{}", denied.body);
+    assert_eq!(denied.header("x-sidemesh-error"), Some("forbidden"));
+    assert_eq!(denied.header("server"), Some("sidemesh"));
+    assert!(
+        denied.body.contains(
+            "spiffe://cluster.local/ns/demo/sa/stranger is not allowed to call user-service.demo"
+        ),
+        "the 403 says who was refused: {}",
+        denied.body
+    );
+    assert_eq!(users.hits(), 1, "the denied request never reached the app");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trust_bundle_with_two_roots_is_accepted_during_a_root_rotation() {
+    // The old root, the new root, and an intermediate of the new root that signs workloads.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (old, new) = (TestCa::root("old root"), TestCa::root("new root"));
+    let signing = TestCa::intermediate("new intermediate", &new);
+    let ca_dir = dir.path().join("mounted-ca");
+    std::fs::create_dir_all(&ca_dir).expect("mkdir");
+    std::fs::write(ca_dir.join("ca.crt"), &signing.pem).expect("ca.crt");
+    std::fs::write(ca_dir.join("ca.key"), signing.key_pem()).expect("ca.key");
+    std::fs::write(ca_dir.join("roots.crt"), format!("{}{}", old.pem, new.pem)).expect("roots");
+    std::fs::create_dir_all(dir.path().join("config")).expect("mkdir");
+    std::fs::write(dir.path().join("config/mesh.yaml"), yaml("")).expect("yaml");
+    let mesh = Mesh::start_in(dir, &["--ca-dir", ca_dir.to_str().expect("utf-8")]);
+
+    // Proxies certified by the new intermediate talk to each other...
+    let users = EchoServer::start("users").await;
+    let user_proxy = mesh.proxy("user-service", Some(&users), &[], &[]);
+    let order_proxy = mesh.proxy("order-service", None, &["user-service"], &[]);
+    mesh.wait_meshed(&order_proxy, "user-service", &user_proxy)
+        .await;
+    let resp = call(&order_proxy, "user-service", "/headers").await;
+    assert_eq!(resp.status, StatusCode::OK, "{}", resp.body);
+
+    // ...and a workload still holding a certificate from the old root is accepted too,
+    let certs = mesh.path("certs");
+    std::fs::create_dir_all(&certs).expect("mkdir");
+    let inbound = user_proxy.listener("inbound");
+    let from_old = old.leaf(&certs, "old", ORDER_ID, -60, 3600);
+    let (ok, out) = s_client(
+        inbound,
+        Some((&from_old.0, &from_old.1)),
+        "http/1.1,sidemesh",
+    );
+    assert!(
+        ok,
+        "a certificate from the old root is trusted during the rotation:\n{out}"
+    );
+    // while a root outside the bundle is not.
+    let outsider = TestCa::root("outsider").leaf(&certs, "outsider", ORDER_ID, -60, 3600);
+    let (ok, out) = s_client(
+        inbound,
+        Some((&outsider.0, &outsider.1)),
+        "http/1.1,sidemesh",
+    );
+    assert!(!ok, "a root outside the bundle is refused:\n{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn certificates_rotate_under_steady_traffic_without_a_failed_request() {
+    let mesh = Mesh::start(&yaml(""), &["--cert-lifetime", "10s"]);
+    let users = EchoServer::start("users").await;
+    let user_proxy = mesh.proxy("user-service", Some(&users), &[], &[]);
+    // No pooled upstream connections: every request makes a new mTLS handshake, so each
+    // renewed certificate is used and checked.
+    let order_proxy = mesh.proxy(
+        "order-service",
+        None,
+        &["user-service"],
+        &["--max-idle-per-endpoint", "0"],
+    );
+    mesh.wait_meshed(&order_proxy, "user-service", &user_proxy)
+        .await;
+
+    let started = SystemTime::now();
+    let (mut sent, mut failed) = (0u32, Vec::new());
+    while started.elapsed().unwrap_or_default() < Duration::from_secs(60) {
+        let resp = call(&order_proxy, "user-service", "/").await;
+        sent += 1;
+        if resp.status != StatusCode::OK {
+            failed.push(format!("{} {}", resp.status, resp.body));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(sent > 1000, "steady traffic: {sent} requests");
+    for proxy in [&user_proxy, &order_proxy] {
+        let m = metrics(proxy).await;
+        let renewed = metric(&m, "sidemesh_identity_renewals_total{result=\"renewed\"}");
+        assert!(
+            renewed >= 5.0,
+            "at least 5 renewals in 60 s with a 10 s lifetime, got {renewed}:\n{m}"
+        );
+    }
+}
