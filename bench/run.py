@@ -357,10 +357,11 @@ def start_sidemesh_mtls(procs, tmp, backend_port, reuse):
                 name="control-plane")
     wait_port(grpc)
     cp = ["--control-plane", f"http://127.0.0.1:{grpc}", "--join-token-file", os.path.join(data, "join-token"),
-          "--admin", "127.0.0.1:0", "--outbound", "127.0.0.1:0", "--log-format", "text"]
+          "--outbound", "127.0.0.1:0", "--log-format", "text"]
     front, inbound, admin_a = free_port(), free_port(), free_port()
     b = procs.start([os.path.join(REL, "sidemesh-proxy"), "--service", "backend", *cp, "--proxy-id", "b",
-                     "--inbound", f"127.0.0.1:{inbound}", "--app", f"127.0.0.1:{backend_port}"], name="proxy-b")
+                     "--inbound", f"127.0.0.1:{inbound}", "--app", f"127.0.0.1:{backend_port}",
+                     "--admin", "127.0.0.1:0"], name="proxy-b")
     extra = [] if reuse else ["--max-idle-per-endpoint", "0"]
     a = procs.start([os.path.join(REL, "sidemesh-proxy"), "--service", "client", *cp, "--proxy-id", "a",
                      "--upstream", f"backend=127.0.0.1:{front}", *extra, "--admin", f"127.0.0.1:{admin_a}"],

@@ -187,11 +187,18 @@ impl Authority {
     }
 }
 
+/// Bytes from the operating system's CSPRNG (serials and tokens must not be guessable).
+pub fn random_bytes<const N: usize>() -> [u8; N] {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; N];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .expect("the operating system's random source is available");
+    bytes
+}
+
 fn random_serial() -> SerialNumber {
-    let mut bytes = [0u8; 16];
-    for b in &mut bytes {
-        *b = fastrand::u8(..);
-    }
+    let mut bytes: [u8; 16] = random_bytes();
     // Positive and without a leading zero byte.
     bytes[0] = (bytes[0] & 0x7f) | 0x40;
     SerialNumber::from_slice(&bytes)

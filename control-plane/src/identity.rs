@@ -3,7 +3,8 @@
 //! Credentials:
 //! - a join token (local meshes): a secret shared with the proxies through a file; it may
 //!   ask for any identity, like a cluster-admin kubeconfig would;
-//! - a Kubernetes service-account token, checked with the TokenReview API (not built yet).
+//! - a Kubernetes service-account token for the mesh audience, checked with the TokenReview
+//!   API (`tokenreview`, the `kubernetes` feature); it proves exactly one identity.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,8 +37,9 @@ pub enum TokenError {
 /// The join token: read from `path`, or generated there (0600) when the file does not exist.
 pub fn join_token(path: &Path) -> Result<String, TokenError> {
     if !path.exists() {
-        let token: String = (0..32)
-            .map(|_| format!("{:02x}", fastrand::u8(..)))
+        let token: String = crate::ca::random_bytes::<32>()
+            .iter()
+            .map(|b| format!("{b:02x}"))
             .collect();
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|source| TokenError::Write {
@@ -68,11 +70,25 @@ pub fn join_token(path: &Path) -> Result<String, TokenError> {
     Ok(token)
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct IdentityService {
     ca: Arc<Authority>,
     join_token: Option<Arc<str>>,
     hub: Arc<Hub>,
+    #[cfg(feature = "kubernetes")]
+    reviewer: Option<Arc<crate::tokenreview::Reviewer>>,
+}
+
+impl std::fmt::Debug for IdentityService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityService")
+            .field("ca", &self.ca)
+            .field(
+                "join_token",
+                &self.join_token.as_ref().map(|_| "<redacted>"),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 impl IdentityService {
@@ -81,11 +97,19 @@ impl IdentityService {
             ca,
             join_token: join_token.map(Arc::from),
             hub,
+            #[cfg(feature = "kubernetes")]
+            reviewer: None,
         }
     }
 
+    #[cfg(feature = "kubernetes")]
+    pub fn with_reviewer(mut self, reviewer: Option<crate::tokenreview::Reviewer>) -> Self {
+        self.reviewer = reviewer.map(Arc::new);
+        self
+    }
+
     /// Checks the credential against the identity asked for.
-    fn authenticate(&self, req: &CertifyRequest) -> Result<(), Status> {
+    async fn authenticate(&self, req: &CertifyRequest) -> Result<(), Status> {
         match &req.credential {
             Some(Credential::JoinToken(token)) => match &self.join_token {
                 Some(expected) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => Ok(()),
@@ -94,6 +118,29 @@ impl IdentityService {
                     "this control plane does not accept join tokens",
                 )),
             },
+            #[cfg(feature = "kubernetes")]
+            Some(Credential::ServiceAccountToken(token)) => {
+                use crate::tokenreview::ReviewError;
+                let Some(reviewer) = &self.reviewer else {
+                    return Err(Status::unauthenticated(
+                        "this control plane does not check service-account tokens (no Kubernetes API configured)",
+                    ));
+                };
+                let account = reviewer.review(token).await.map_err(|e| match e {
+                    ReviewError::Rejected(why) => {
+                        Status::unauthenticated(format!("service-account token rejected: {why}"))
+                    }
+                    other => Status::unavailable(other.to_string()),
+                })?;
+                if account.namespace != req.namespace || account.name != req.service_account {
+                    return Err(Status::permission_denied(format!(
+                        "the token belongs to {}/{}, not {}/{}",
+                        account.namespace, account.name, req.namespace, req.service_account
+                    )));
+                }
+                Ok(())
+            }
+            #[cfg(not(feature = "kubernetes"))]
             Some(Credential::ServiceAccountToken(_)) => Err(Status::unauthenticated(
                 "service-account tokens need the control plane's Kubernetes support; use a join token",
             )),
@@ -116,15 +163,21 @@ impl Identity for IdentityService {
         request: Request<CertifyRequest>,
     ) -> Result<Response<CertifyResponse>, Status> {
         let req = request.into_inner();
-        if let Err(status) = self.authenticate(&req) {
+        if let Err(status) = self.authenticate(&req).await {
             self.hub.metrics.certificates_refused.inc();
             tracing::warn!(namespace = %req.namespace, service_account = %req.service_account, reason = %status.message(), "refused a certificate request");
             return Err(status);
         }
-        let trust_domain = self.hub.store.current().map_or_else(
-            || sidemesh_config::DEFAULT_TRUST_DOMAIN.to_string(),
-            |c| c.mesh.settings.trust_domain.clone(),
-        );
+        // The trust domain comes from the config: without one, a certificate could name the
+        // wrong domain for its whole life.
+        let trust_domain = match self.hub.store.current() {
+            Some(config) => config.mesh.settings.trust_domain.clone(),
+            None => {
+                return Err(Status::unavailable(
+                    "no valid routing config yet, so the trust domain is unknown; retry",
+                ));
+            }
+        };
         let issued = self
             .ca
             .sign(

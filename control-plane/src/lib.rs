@@ -13,6 +13,7 @@
 //! - `admin`, `metrics`: `/status`, `/metrics`, `/debug/config`.
 //! - `up`: `sidemesh up`, the demo on one machine.
 //! - `summary`: one-line descriptions of a validated mesh for operators.
+//! - `tokenreview`: Kubernetes service-account tokens, checked by the API server (`kubernetes` feature).
 
 #![forbid(unsafe_code)]
 
@@ -28,5 +29,7 @@ pub mod server;
 pub mod status;
 pub mod store;
 pub mod summary;
+#[cfg(feature = "kubernetes")]
+pub mod tokenreview;
 pub mod up;
 pub mod view;

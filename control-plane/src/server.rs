@@ -25,6 +25,7 @@ pub const ENV_DATA_DIR: &str = "SIDEMESH_CP_DATA_DIR";
 pub const ENV_CA_DIR: &str = "SIDEMESH_CA_DIR";
 pub const ENV_JOIN_TOKEN_FILE: &str = "SIDEMESH_JOIN_TOKEN_FILE";
 pub const ENV_CERT_LIFETIME: &str = "SIDEMESH_CERT_LIFETIME";
+pub const ENV_KUBERNETES_API: &str = "SIDEMESH_KUBERNETES_API";
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -69,6 +70,20 @@ pub struct Args {
     /// How long workload certificates are valid; proxies renew at about 70 %.
     #[arg(long, env = ENV_CERT_LIFETIME, value_parser = parse_duration, default_value = "24h")]
     pub cert_lifetime: Duration,
+    /// Kubernetes API server that checks proxies' service-account tokens (TokenReview), e.g.
+    /// `https://kubernetes.default.svc`. Default: the cluster the control plane runs in, if any.
+    /// Needs the `kubernetes` build feature.
+    #[arg(long, env = ENV_KUBERNETES_API)]
+    pub kubernetes_api: Option<String>,
+    /// The control plane's own token for the API server (default: the pod's).
+    #[arg(long)]
+    pub kubernetes_token_file: Option<PathBuf>,
+    /// The API server's CA bundle, for https (default: the pod's).
+    #[arg(long)]
+    pub kubernetes_ca_file: Option<PathBuf>,
+    /// The audience proxies' tokens must be issued for.
+    #[arg(long, default_value = "sidemesh")]
+    pub token_audience: String,
     /// Log format: json or text.
     #[arg(long, default_value = "json")]
     pub log_format: String,
@@ -106,6 +121,56 @@ pub enum StartError {
     Ca(#[from] crate::ca::CaError),
     #[error("{0}")]
     JoinToken(#[from] crate::identity::TokenError),
+    #[error("{0}")]
+    Kubernetes(String),
+}
+
+/// The TokenReview client, when a Kubernetes API server is configured or this runs in a pod.
+#[cfg(feature = "kubernetes")]
+fn reviewer(args: &Args) -> Result<Option<crate::tokenreview::Reviewer>, StartError> {
+    use crate::tokenreview::Reviewer;
+    let pod = std::path::Path::new("/var/run/secrets/kubernetes.io/serviceaccount");
+    let made = match &args.kubernetes_api {
+        Some(api) => Reviewer::new(
+            api,
+            &args
+                .kubernetes_token_file
+                .clone()
+                .unwrap_or_else(|| pod.join("token")),
+            Some(
+                &args
+                    .kubernetes_ca_file
+                    .clone()
+                    .unwrap_or_else(|| pod.join("ca.crt")),
+            ),
+            &args.token_audience,
+        ),
+        None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
+            Reviewer::in_cluster(&args.token_audience)
+        }
+        None => return Ok(None),
+    };
+    made.map(Some)
+        .map_err(|e| StartError::Kubernetes(e.to_string()))
+}
+
+#[cfg(not(feature = "kubernetes"))]
+fn reviewer(args: &Args) -> Result<Option<()>, StartError> {
+    match &args.kubernetes_api {
+        Some(_) => Err(StartError::Kubernetes(
+            "--kubernetes-api needs a control plane built with the `kubernetes` feature".into(),
+        )),
+        None => Ok(None),
+    }
+}
+
+/// The join token, kept out of `Debug` output.
+struct JoinToken(String);
+
+impl std::fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// A control plane with its listeners bound.
@@ -113,7 +178,9 @@ pub enum StartError {
 pub struct ControlPlane {
     pub hub: Arc<Hub>,
     pub ca: Arc<Authority>,
-    join_token: String,
+    join_token: JoinToken,
+    #[cfg(feature = "kubernetes")]
+    reviewer: Option<crate::tokenreview::Reviewer>,
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     grpc: TcpListener,
@@ -129,7 +196,10 @@ pub async fn build(args: Args) -> Result<ControlPlane, StartError> {
         &args.ca_dir(),
         args.cert_lifetime,
     )?);
-    let join_token = crate::identity::join_token(&args.join_token_file())?;
+    let join_token = JoinToken(crate::identity::join_token(&args.join_token_file())?);
+    // Checked at start so a bad setting fails now, not at the first certificate request.
+    #[cfg_attr(not(feature = "kubernetes"), allow(unused_variables))]
+    let reviewer = reviewer(&args)?;
     let bind = |what, addr| async move {
         TcpListener::bind(addr)
             .await
@@ -143,6 +213,8 @@ pub async fn build(args: Args) -> Result<ControlPlane, StartError> {
         hub,
         ca,
         join_token,
+        #[cfg(feature = "kubernetes")]
+        reviewer,
         grpc,
         admin,
         args,
@@ -174,6 +246,13 @@ impl ControlPlane {
                 "ready, but no valid config yet: nothing will be pushed until one appears"
             ),
         }
+        let identity = IdentityService::new(
+            self.ca.clone(),
+            Some(self.join_token.0.clone()),
+            self.hub.clone(),
+        );
+        #[cfg(feature = "kubernetes")]
+        let identity = identity.with_reviewer(self.reviewer);
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(self.grpc);
         let result = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -181,11 +260,7 @@ impl ControlPlane {
             .add_service(DiscoveryServer::new(DiscoveryService::new(
                 self.hub.clone(),
             )))
-            .add_service(IdentityServer::new(IdentityService::new(
-                self.ca.clone(),
-                Some(self.join_token.clone()),
-                self.hub.clone(),
-            )))
+            .add_service(IdentityServer::new(identity))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
         let _ = stop_tx.send(true);

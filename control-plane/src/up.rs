@@ -112,6 +112,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         ca_dir: None,
         join_token_file: None,
         cert_lifetime: Duration::from_secs(24 * 3600),
+        kubernetes_api: None,
+        kubernetes_token_file: None,
+        kubernetes_ca_file: None,
+        token_audience: "sidemesh".into(),
         log_format: "text".into(),
     })
     .await?;

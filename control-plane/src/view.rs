@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 
 use sidemesh_api::v1;
-use sidemesh_config::ServiceId;
+use sidemesh_config::{MtlsMode, ServiceId};
 
 use sidemesh_config::spec::{RateLimitScope, RateLimitSpec};
 use sidemesh_config::units::Rate;
@@ -81,7 +81,11 @@ pub fn compute(
                         // another service account is refused by them, not trusted.
                         .map(|(addr, registered)| v1::Endpoint {
                             address: addr.to_string(),
-                            identity: if registered.is_empty() {
+                            // In strict mode every endpoint must prove the service's identity:
+                            // a registration without a certificate gets no plaintext traffic.
+                            identity: if registered.is_empty()
+                                && mesh.settings.mtls != MtlsMode::Strict
+                            {
                                 String::new()
                             } else {
                                 s.identity.clone()
@@ -108,7 +112,13 @@ pub fn compute(
         }
     }
     let yaml = serde_norway::to_string(&doc).unwrap_or_default();
-    let hash = fnv64(&[yaml.as_bytes()]);
+    // Which endpoints are meshed is not in the YAML: it is part of the view all the same.
+    let meshed: String = views_endpoints
+        .iter()
+        .flat_map(|s| &s.endpoints)
+        .map(|e| format!("{}={};", e.address, e.identity))
+        .collect();
+    let hash = fnv64(&[yaml.as_bytes(), meshed.as_bytes()]);
     View {
         yaml,
         hash,

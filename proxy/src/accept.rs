@@ -150,6 +150,13 @@ async fn handle(
             return inbound_tls(io, peer, target, mtls, proxy, drain).await;
         }
         (_, MtlsMode::Strict) => return refuse_plaintext(io, peer, protocol, &proxy).await,
+        (Protocol::Opaque, MtlsMode::Permissive) if opaque_allowed(&proxy, None).is_err() => {
+            // Detection runs without the HTTP-only rule when mTLS is on (a peer's TLS must get
+            // through), so plaintext that is not clearly HTTP is refused here instead.
+            proxy.metrics.connection_refused("not-http");
+            tracing::info!(client = %peer, "refused a plaintext connection that is not HTTP on an HTTP port");
+            return;
+        }
         _ => {}
     }
     let _open = proxy
@@ -196,11 +203,24 @@ async fn inbound_tls(
                 proxy
                     .metrics
                     .connection_opened(Direction::Inbound, protocol_name(protocol), true);
+            if protocol == Protocol::Opaque {
+                // Opaque bytes skip the HTTP handler: authorize the connection here, and never
+                // splice raw bytes to an HTTP port (they could carry a forged identity header).
+                if let Err(why) = opaque_allowed(&proxy, Some(&identity)) {
+                    proxy.metrics.connection_refused("forbidden");
+                    tracing::info!(client = %peer, identity = %identity, reason = why, "refused an opaque mTLS connection");
+                    return;
+                }
+            }
             let conn = ConnInfo::new(peer, Direction::Inbound, target, Some(identity), &proxy);
             match protocol {
                 Protocol::Opaque => opaque(stream, conn, &proxy).await,
                 _ => crate::http::serve(stream, protocol, conn, proxy, drain).await,
             }
+        }
+        Ok(tls::Accepted::Foreign { .. }) if opaque_allowed(&proxy, None).is_err() => {
+            proxy.metrics.connection_refused("not-mesh-tls");
+            tracing::info!(client = %peer, "refused a TLS connection that is not from a meshed proxy: the service is HTTP or has an authorization policy");
         }
         Ok(tls::Accepted::Foreign { read, io }) if mtls == MtlsMode::Permissive => {
             let _open = proxy
@@ -217,6 +237,22 @@ async fn inbound_tls(
             proxy.metrics.connection_refused("tls-handshake");
             tracing::info!(client = %peer, error = %e, "refused a TLS connection: the handshake failed");
         }
+    }
+}
+
+/// Whether bytes the HTTP handler will not see may reach the application: only on a TCP
+/// port, and only for callers the service's authorization policy (if any) allows.
+fn opaque_allowed(proxy: &Proxy, identity: Option<&str>) -> Result<(), &'static str> {
+    let snapshot = proxy.snapshot.load();
+    let Some(service) = snapshot.local_service() else {
+        return Ok(());
+    };
+    if service.protocol != PortProtocol::Tcp {
+        return Err("the service's port is HTTP: only HTTP is accepted");
+    }
+    match &service.authorization {
+        Some(policy) if !policy.allows(identity) => Err("not allowed by the service's policy"),
+        _ => Ok(()),
     }
 }
 

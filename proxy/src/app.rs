@@ -265,7 +265,6 @@ pub async fn build(args: Args) -> Result<App, StartError> {
         .identity
         .source
         .as_ref()
-        .and_then(|s| s.state_dir.as_deref())
         .and_then(identity::load_stored)
     {
         if let Ok(expiry) = stored.not_after.duration_since(std::time::UNIX_EPOCH) {
@@ -335,6 +334,9 @@ impl App {
         self.proxy.ready.store(true, Ordering::Release);
         // Ready means able to serve: with an identity configured, once a certificate is in.
         tokio::pin!(shutdown);
+        if !self.proxy.identity.ready() {
+            tracing::info!("waiting for a workload certificate from the control plane");
+        }
         let stopped = tokio::select! {
             () = self.proxy.identity.wait_ready() => false,
             () = &mut shutdown => true,

@@ -126,9 +126,14 @@ impl IdentityState {
         self.current.load_full()
     }
 
-    /// Ready to serve: no identity is configured, or a certificate is in force.
+    /// Ready to serve: no identity is configured, or an unexpired certificate is in force.
     pub fn ready(&self) -> bool {
-        self.source.is_none() || self.current.load().is_some()
+        self.source.is_none()
+            || self
+                .current
+                .load()
+                .as_ref()
+                .is_some_and(|c| c.not_after > SystemTime::now())
     }
 
     /// Waits until a certificate is in force (returns at once when none is configured).
@@ -195,10 +200,12 @@ pub async fn run(proxy: Arc<Proxy>, mut drain: Drain) {
                     }
                 }
                 failures = 0;
+                // At least a second: a clock far behind the CA's must not make a hot loop.
                 let renew_in = credentials
                     .renew_at()
                     .duration_since(SystemTime::now())
-                    .unwrap_or_default();
+                    .unwrap_or_default()
+                    .max(Duration::from_secs(1));
                 if let Ok(expiry) = credentials.not_after.duration_since(UNIX_EPOCH) {
                     proxy.metrics.identity_expiry(expiry.as_secs());
                 }
@@ -386,8 +393,9 @@ fn store(dir: &Path, files: &Files) -> std::io::Result<()> {
     write(ROOTS_FILE, pem("CERTIFICATE", &roots))
 }
 
-/// The certificate a previous run stored, if it is still valid.
-pub fn load_stored(dir: &Path) -> Option<Credentials> {
+/// The certificate a previous run stored, if it is still valid and for this workload.
+pub fn load_stored(source: &Source) -> Option<Credentials> {
+    let dir = source.state_dir.as_deref()?;
     use rustls_pki_types::pem::PemObject;
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join(CHAIN_FILE))
         .ok()?
@@ -405,6 +413,11 @@ pub fn load_stored(dir: &Path) -> Option<Credentials> {
             return None;
         }
     };
+    let expected = format!("/ns/{}/sa/{}", source.namespace, source.service_account);
+    if !credentials.identity.ends_with(&expected) {
+        tracing::info!(stored = %credentials.identity, "the stored certificate is for another workload; waiting for a new one");
+        return None;
+    }
     if credentials.not_after <= SystemTime::now() {
         tracing::info!(dir = %dir.display(), "the stored certificate has expired; waiting for a new one");
         return None;
