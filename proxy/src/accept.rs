@@ -283,7 +283,11 @@ where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     let endpoint = match &conn.target {
-        Target::App(addr) | Target::OriginalDst(addr) => proxy.registry.pinned(*addr),
+        Target::App(addr) => proxy.registry.pinned(*addr, None),
+        Target::OriginalDst(addr) => {
+            let meshed = proxy.snapshot.load().meshed.get(addr).cloned();
+            proxy.registry.pinned(*addr, meshed)
+        }
         Target::Service(name) => {
             let snapshot = proxy.snapshot.load();
             let Some(service) = snapshot.service_named(name) else {

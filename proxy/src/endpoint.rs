@@ -364,7 +364,7 @@ type EndpointKey = (SocketAddr, Option<Arc<str>>);
 #[derive(Debug, Default)]
 pub struct Registry {
     endpoints: Mutex<HashMap<EndpointKey, Weak<Endpoint>>>,
-    pinned: Mutex<HashMap<SocketAddr, Arc<Endpoint>>>,
+    pinned: Mutex<HashMap<EndpointKey, Arc<Endpoint>>>,
     /// Rate limiters by scope and settings: a reload that keeps a limit keeps its buckets
     /// (a fresh limiter would hand every client a new burst).
     limiters: Mutex<HashMap<String, Weak<crate::ratelimit::Limiter>>>,
@@ -411,16 +411,18 @@ impl Registry {
     }
 
     /// A direct destination, kept alive (and its connections pooled) across requests.
-    pub fn pinned(&self, addr: SocketAddr) -> Arc<Endpoint> {
+    /// `identity`: the address is a meshed proxy that must present it.
+    pub fn pinned(&self, addr: SocketAddr, identity: Option<Arc<str>>) -> Arc<Endpoint> {
         let mut pinned = self.pinned.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(ep) = pinned.get(&addr) {
+        let key = (addr, identity);
+        if let Some(ep) = pinned.get(&key) {
             return ep.clone();
         }
         if pinned.len() >= MAX_PINNED {
             pinned.retain(|_, ep| ep.in_flight() > 0);
         }
-        let ep = self.get(addr, None);
-        pinned.insert(addr, ep.clone());
+        let ep = self.get(addr, key.1.clone());
+        pinned.insert(key, ep.clone());
         ep
     }
 

@@ -228,7 +228,10 @@ fn route(
             let metrics = snapshot
                 .local_service()
                 .map(|s| s.default_route().metrics.clone());
-            return Ok((Destination::Direct(proxy.registry.pinned(*addr)), metrics));
+            return Ok((
+                Destination::Direct(proxy.registry.pinned(*addr, None)),
+                metrics,
+            ));
         }
         Target::Service(name) => {
             snapshot
@@ -245,7 +248,15 @@ fn route(
         Target::OriginalDst(addr) => match snapshot.service_for_host(&headers::lowercase(host)) {
             Some(service) => service,
             // Not a mesh service: pass through to where the client was going.
-            None => return Ok((Destination::Direct(proxy.registry.pinned(*addr)), None)),
+            // Not a mesh service by name: pass through to where the client was going, in mutual
+            // TLS when that address is a meshed proxy.
+            None => {
+                let meshed = snapshot.meshed.get(addr).cloned();
+                return Ok((
+                    Destination::Direct(proxy.registry.pinned(*addr, meshed)),
+                    None,
+                ));
+            }
         },
     };
     let view = RequestView {

@@ -26,6 +26,8 @@ pub struct Snapshot {
     services: HashMap<ServiceId, Arc<ServiceEntry>>,
     /// `name`, `name.ns`, `name.ns.svc`, `name.ns.svc.cluster.local` -> service.
     hosts: HashMap<String, ServiceId>,
+    /// Meshed endpoints by address (transparent mode reaches them by original destination).
+    pub meshed: Meshed,
 }
 
 #[derive(Debug)]
@@ -77,6 +79,7 @@ impl Snapshot {
             local,
             services: HashMap::new(),
             hosts: HashMap::new(),
+            meshed: Meshed::new(),
         }
     }
 
@@ -238,6 +241,7 @@ impl Snapshot {
             local: local_id,
             services,
             hosts,
+            meshed: meshed.clone(),
         })
     }
 

@@ -68,6 +68,8 @@ pub enum IdentityError {
     Missing,
     #[error("the certificate has more than one SPIFFE ID")]
     Several,
+    #[error("the peer's certificate has expired (a resumed session cannot outlive it)")]
+    Expired,
     #[error("the server presented {found}, expected {expected}")]
     Mismatch { found: String, expected: String },
 }
@@ -353,6 +355,13 @@ where
         .peer_certificates()
         .and_then(|c| c.first())
         .ok_or_else(|| io::Error::other("the peer sent no certificate"))?;
+    // A resumed TLS 1.3 session carries the certificate of its first handshake, unchecked:
+    // make sure it has not expired since.
+    let valid =
+        x509_parser::parse_x509_certificate(cert).is_ok_and(|(_, c)| c.validity().is_valid());
+    if !valid {
+        return Err(io::Error::other(IdentityError::Expired));
+    }
     let peer = spiffe_id(cert).map_err(io::Error::other)?;
     let carried = Carried::from_alpn(connection.alpn_protocol());
     Ok(Accepted::Mesh {
