@@ -51,6 +51,7 @@ pub struct UpArgs {
 async fn proxy(
     control_plane: SocketAddr,
     join_token: &std::path::Path,
+    otlp: Option<&str>,
     service: &str,
     app: Option<SocketAddr>,
     upstreams: &[&str],
@@ -70,6 +71,7 @@ async fn proxy(
     ));
     args.app = app;
     args.join_token_file = Some(join_token.to_path_buf());
+    args.otlp_endpoint = otlp.map(str::to_string);
     args.inbound = any;
     args.upstreams = upstreams.iter().map(|s| (s.to_string(), any)).collect();
     args.timeouts.drain = Duration::from_secs(1);
@@ -130,6 +132,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let (user_proxy, _, user_proxy_task) = proxy(
         cp_grpc,
         &join_token,
+        args.otlp.as_deref(),
         "user-service.demo",
         Some(users_addr),
         &[],
@@ -139,6 +142,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let (order_proxy, order_state, order_proxy_task) = proxy(
         cp_grpc,
         &join_token,
+        args.otlp.as_deref(),
         "order-service.demo",
         Some(orders_addr),
         &["user-service"],
@@ -149,6 +153,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let (loadgen_proxy, loadgen_state, loadgen_proxy_task) = proxy(
         cp_grpc,
         &join_token,
+        args.otlp.as_deref(),
         "loadgen.demo",
         None,
         &["order-service"],
@@ -235,7 +240,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         "  path           loadgen -> its proxy =mTLS=> order-service's proxy -> order-service -> its proxy =mTLS=> user-service's proxy -> user-service"
     );
     match &args.otlp {
-        Some(endpoint) => println!("  traces         the demo services export to {endpoint}"),
+        Some(endpoint) => {
+            println!("  traces         the proxies and the demo services export to {endpoint}")
+        }
         None => println!(
             "  traces         not exported; pass --otlp http://127.0.0.1:4317 to send them to Jaeger"
         ),

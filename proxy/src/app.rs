@@ -33,6 +33,8 @@ pub struct Proxy {
     pub metrics: Metrics,
     /// The workload certificate (control-plane mode with a credential).
     pub identity: IdentityState,
+    /// Spans, while the config names a collector.
+    pub tracing: crate::trace::Tracing,
     /// Listeners are up.
     pub ready: AtomicBool,
     /// A config (static file, pushed, or stored) is in force.
@@ -243,6 +245,12 @@ pub async fn build(args: Args) -> Result<App, StartError> {
     let admin = bind("admin", args.admin).await?;
     let admin_addr = admin.local_addr().unwrap_or(args.admin);
 
+    let span_counters = metrics.spans.clone();
+    let workload = crate::trace::Workload {
+        service: local.name.clone(),
+        namespace: local.namespace.clone(),
+        pod: std::env::var("POD_NAME").unwrap_or_else(|_| proxy_id(&args)),
+    };
     let proxy = Arc::new(Proxy {
         service: args.service.clone(),
         mode: args.mode,
@@ -258,6 +266,7 @@ pub async fn build(args: Args) -> Result<App, StartError> {
         registry,
         metrics,
         identity: IdentityState::new(identity_source),
+        tracing: crate::trace::Tracing::new(workload, args.otlp_endpoint.clone(), span_counters),
         ready: AtomicBool::new(false),
         config_applied: AtomicBool::new(applied),
     });
@@ -318,6 +327,9 @@ impl App {
         tracing::info!(listener = "admin", addr = %self.addrs.admin, "listening");
         tokio::spawn(admin::serve(self.admin, self.proxy.clone(), drain.clone()));
         tokio::spawn(identity::run(self.proxy.clone(), drain.clone()));
+        self.proxy
+            .tracing
+            .configure(&self.proxy.snapshot.load().mesh.settings.tracing);
         let proxy = self.proxy.clone();
         let source_drain = drain.clone();
         match self.source {

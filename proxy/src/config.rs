@@ -26,6 +26,7 @@ pub const ENV_STATE_DIR: &str = "SIDEMESH_STATE_DIR";
 pub const ENV_JOIN_TOKEN_FILE: &str = "SIDEMESH_JOIN_TOKEN_FILE";
 pub const ENV_SERVICE_ACCOUNT_TOKEN_FILE: &str = "SIDEMESH_SERVICE_ACCOUNT_TOKEN_FILE";
 pub const ENV_SERVICE_ACCOUNT: &str = "SIDEMESH_SERVICE_ACCOUNT";
+pub const ENV_OTLP_ENDPOINT: &str = "SIDEMESH_OTLP_ENDPOINT";
 
 /// How traffic reaches the proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -95,6 +96,10 @@ pub struct Args {
     /// `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`. Default: the service name.
     #[arg(long, env = ENV_SERVICE_ACCOUNT)]
     pub service_account: Option<String>,
+    /// OTLP collector for this proxy's spans, overriding the config's `mesh.tracing.otlpEndpoint`
+    /// (e.g. a collector on the same node). Sampling and protocol still come from the config.
+    #[arg(long, env = ENV_OTLP_ENDPOINT)]
+    pub otlp_endpoint: Option<String>,
     /// Log format: json or text.
     #[arg(long, env = ENV_LOG_FORMAT, default_value = "json")]
     pub log_format: String,
@@ -229,6 +234,7 @@ impl Args {
             join_token_file: None,
             service_account_token_file: None,
             service_account: None,
+            otlp_endpoint: None,
             log_format: "json".into(),
             worker_threads: 1,
             limits: Limits::default(),

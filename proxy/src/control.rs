@@ -227,6 +227,7 @@ fn apply(proxy: &Proxy, me: &Identity, snapshot: &v1::Snapshot) -> Result<(), St
         &meshed_map(&meshed),
     )
     .map_err(|e| e.to_string())?;
+    proxy.tracing.configure(&compiled.mesh.settings.tracing);
     proxy.snapshot.store(Arc::new(compiled));
     proxy.config_applied.store(true, Ordering::Release);
     proxy.metrics.reload(true, snapshot.version);

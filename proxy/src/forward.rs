@@ -19,6 +19,10 @@ use crate::headers;
 use crate::respond::ProxyError;
 use crate::snapshot::RouteEntry;
 
+/// The endpoint that answered, in the response's extensions (for spans).
+#[derive(Debug, Clone, Copy)]
+pub struct UpstreamEndpoint(pub std::net::SocketAddr);
+
 /// Where a request goes, decided by routing and handed to this stage in the request's extensions.
 #[derive(Debug, Clone)]
 pub enum Destination {
@@ -130,6 +134,7 @@ async fn forward(proxy: Arc<Proxy>, mut req: Request<Body>) -> Result<Response<B
 
     let (mut parts, incoming) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
+    parts.extensions.insert(UpstreamEndpoint(endpoint.addr));
     let body = Guarded::new(incoming, in_flight)
         .map_err(body::BoxError::from)
         .boxed_unsync();

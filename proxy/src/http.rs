@@ -153,11 +153,22 @@ async fn handle(
         Err(e) => return Ok(respond::error_response(&e, grpc)),
     };
     headers::strip_hop_by_hop(&mut parts.headers);
+    let span = start_span(&proxy, &snapshot, &conn, &parts, &destination);
     if conn.direction == Direction::Inbound {
         if let Some(counter) = &conn.client_requests {
             counter.inc();
         }
         if let Err(e) = authorize(&snapshot, conn.peer_identity.as_deref()) {
+            if let (Some(span), ProxyError::Forbidden { identity, .. }) = (span, &e) {
+                span.event(
+                    "denied",
+                    vec![opentelemetry::KeyValue::new(
+                        "sidemesh.peer.identity",
+                        identity.clone(),
+                    )],
+                );
+                span.finish(e.status(), None);
+            }
             return Ok(respond::error_response(&e, grpc));
         }
         headers::append_forwarded_for(&mut parts.headers, conn.client.ip());
@@ -167,6 +178,13 @@ async fn handle(
                 parts.headers.insert(CLIENT_ID_HEADER, value);
             }
             parts.extensions.insert(PeerIdentity(identity.clone()));
+        }
+    }
+    if let Some(span) = &span {
+        // Upstream sees this proxy's span as its parent; retries add one child per attempt.
+        span.inject(&mut parts.headers);
+        if matches!(&destination, Destination::Route(r) if r.retry.is_some()) {
+            parts.extensions.insert(span.attempt_parent());
         }
     }
     parts.extensions.insert(destination);
@@ -187,12 +205,84 @@ async fn handle(
 
     let resp = match pipeline::call(proxy.clone(), req).await {
         Ok(resp) => resp,
-        Err(e) => respond::error_response(&e, grpc),
+        Err(e) => {
+            if let (
+                Some(span),
+                ProxyError::RateLimited {
+                    limit, retry_after, ..
+                },
+            ) = (&span, &e)
+            {
+                span.event(
+                    "rate-limited",
+                    vec![
+                        opentelemetry::KeyValue::new("sidemesh.rate_limit", limit.clone()),
+                        opentelemetry::KeyValue::new(
+                            "sidemesh.retry_after_ms",
+                            i64::try_from(retry_after.as_millis()).unwrap_or(i64::MAX),
+                        ),
+                    ],
+                );
+            }
+            respond::error_response(&e, grpc)
+        }
     };
     if let Some(metrics) = metrics {
         metrics.record(conn.direction, resp.status(), started.elapsed());
     }
+    if let Some(span) = span {
+        let endpoint = resp
+            .extensions()
+            .get::<crate::forward::UpstreamEndpoint>()
+            .map(|e| e.0);
+        span.finish(resp.status(), endpoint);
+    }
     Ok(resp)
+}
+
+/// The request's span, when tracing is on: named after the route that matched (inbound, the
+/// local service's route for this path).
+fn start_span(
+    proxy: &Proxy,
+    snapshot: &Snapshot,
+    conn: &ConnInfo,
+    parts: &http::request::Parts,
+    destination: &Destination,
+) -> Option<crate::trace::RequestSpan> {
+    if !proxy.tracing.is_on() {
+        return None;
+    }
+    let host = headers::authority(parts)
+        .map(headers::host_of)
+        .unwrap_or_default();
+    let inbound_route;
+    let route = match destination {
+        Destination::Route(route) => Some(route),
+        Destination::Direct(_) if conn.direction == Direction::Inbound => {
+            inbound_route = snapshot.local_service().map(|s| {
+                s.route(&RequestView {
+                    host,
+                    path: parts.uri.path(),
+                    method: parts.method.as_str(),
+                    headers: &parts.headers,
+                })
+                .clone()
+            });
+            inbound_route.as_ref()
+        }
+        Destination::Direct(_) => None,
+    };
+    proxy.tracing.start_request(crate::trace::RequestStart {
+        direction: conn.direction,
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        host,
+        peer: conn.client.ip(),
+        route: route.map_or("passthrough", |r| &*r.name),
+        route_template: route.and_then(|r| r.template.as_deref()),
+        peer_identity: conn.peer_identity.as_deref(),
+        headers: &parts.headers,
+    })
 }
 
 /// Inbound authorization: the local service's policy, if it has one, decides; without one any

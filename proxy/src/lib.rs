@@ -14,6 +14,7 @@
 //! - `balance`, `endpoint`: load balancing, pooled connections, outlier detection.
 //! - `headers`, `body`, `rewind`: HTTP hygiene and IO helpers.
 //! - `respond`: errors to synthetic responses, in one place.
+//! - `trace`: OpenTelemetry spans per request and attempt, propagation, OTLP export.
 //! - `metrics`, `admin`: Prometheus metrics and the admin server.
 //! - `reload`, `control`: config from a file (static mode) or pushed by the control plane.
 //! - `drain`: graceful shutdown.
@@ -45,3 +46,4 @@ pub mod snapshot;
 pub mod tcp;
 pub mod timeout;
 pub mod tls;
+pub mod trace;

@@ -103,6 +103,7 @@ pub struct Metrics {
     identity_expiry: Gauge<u64, AtomicU64>,
     identity_renewals: Family<ResultLabels, Counter>,
     inbound_clients: Family<ClientLabels, Counter>,
+    pub spans: crate::trace::Counters,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -221,8 +222,37 @@ impl Metrics {
             "Inbound requests by the caller's identity",
             inbound_clients.clone(),
         );
+        let spans_exported = Counter::default();
+        registry.register(
+            "spans_exported",
+            "Spans accepted by the OTLP collector",
+            spans_exported.clone(),
+        );
+        let spans_dropped = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "spans_dropped",
+            "Spans dropped: `queue-full` (the collector is slower than traffic) or `export-failed` (the collector is down or refused them)",
+            spans_dropped.clone(),
+        );
+        // One guard at a time: `get_or_create` holds the family's lock until the statement ends.
+        let dropped_queue_full = spans_dropped
+            .get_or_create(&ReasonLabels {
+                reason: "queue-full",
+            })
+            .clone();
+        let dropped_export_failed = spans_dropped
+            .get_or_create(&ReasonLabels {
+                reason: "export-failed",
+            })
+            .clone();
+        let spans = crate::trace::Counters {
+            exported: spans_exported,
+            dropped_queue_full,
+            dropped_export_failed,
+        };
         Self {
             registry,
+            spans,
             identity_expiry,
             identity_renewals,
             inbound_clients,

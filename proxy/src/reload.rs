@@ -68,6 +68,7 @@ pub fn apply(proxy: &Proxy, sources: &[Source]) -> bool {
         &proxy.metrics,
     ) {
         Ok(snapshot) => {
+            proxy.tracing.configure(&snapshot.mesh.settings.tracing);
             proxy.snapshot.store(Arc::new(snapshot));
             proxy.metrics.reload(true, current + 1);
             tracing::info!(version = current + 1, "routing config applied");

@@ -209,6 +209,10 @@ where
         }
     };
     let destination = parts.extensions.get::<Destination>().cloned();
+    let traced = parts
+        .extensions
+        .get::<crate::trace::AttemptParent>()
+        .cloned();
     let client = parts.extensions.get::<ClientAddr>().copied();
     for attempt in 1..=policy.attempts {
         let mut req = Request::new(body::full(replay.clone()));
@@ -224,12 +228,21 @@ where
         if let Some(c) = client {
             req.extensions_mut().insert(c);
         }
+        let span = traced
+            .as_ref()
+            .map(|parent| parent.start(attempt, req.headers_mut()));
         let result = match policy.per_try_timeout {
             Some(limit) => tokio::time::timeout(limit.get(), inner.call(req))
                 .await
                 .unwrap_or(Err(ProxyError::Timeout { after: limit.get() })),
             None => inner.call(req).await,
         };
+        if let Some(span) = span {
+            match &result {
+                Ok(resp) => span.finish(Ok(resp.status())),
+                Err(e) => span.finish(Err(e.code())),
+            }
+        }
         if attempt == policy.attempts || !retriable(&result, &policy.retry_on) {
             return result;
         }

@@ -58,6 +58,20 @@ pub struct RouteEntry {
     /// The route's rate limit, applied by this (calling) proxy.
     pub limiter: Option<Arc<Limiter>>,
     pub retry: Option<Arc<RetryState>>,
+    /// The path the route matches, for span names and `http.route` (`/users/*` for a prefix);
+    /// `None` when no path is known (regexes, default routes).
+    pub template: Option<Arc<str>>,
+}
+
+fn template(route: &Route) -> Option<Arc<str>> {
+    match route.matches.first()?.path.as_ref()? {
+        sidemesh_config::PathMatch::Exact(path) => Some(Arc::from(path.as_str())),
+        sidemesh_config::PathMatch::Prefix(prefix) => {
+            let sep = if prefix.ends_with('/') { "" } else { "/" };
+            Some(Arc::from(format!("{prefix}{sep}*")))
+        }
+        sidemesh_config::PathMatch::Regex(_) => None,
+    }
 }
 
 /// Why a config cannot serve this proxy.
@@ -143,6 +157,7 @@ impl Snapshot {
                 metrics: metrics.route(&label, "default"),
                 limiter: None,
                 retry: None,
+                template: None,
             });
             let mut table: Vec<(usize, RouteMatch, Arc<RouteEntry>)> = Vec::new();
             for (order, route) in mesh.routes_for(&s.id).enumerate() {
@@ -156,6 +171,7 @@ impl Snapshot {
                     })
                     .collect();
                 let entry = Arc::new(RouteEntry {
+                    template: template(route),
                     name: Arc::from(route.name.as_str()),
                     service: label.clone(),
                     config: Some(route.clone()),

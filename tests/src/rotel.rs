@@ -22,6 +22,8 @@ pub struct SeenSpan {
     pub kind: String,
     pub status: String,
     pub attributes: Vec<(String, String)>,
+    /// Names of the span's events.
+    pub events: Vec<String>,
 }
 
 impl SeenSpan {
@@ -124,6 +126,14 @@ impl Rotel {
         format!("http://{}", self.http)
     }
 
+    /// The collector's print-out so far (to show when an assertion fails).
+    pub fn output(&self) -> String {
+        self.output
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .join("\n")
+    }
+
     /// Every span received so far.
     pub fn spans(&self) -> Vec<SeenSpan> {
         parse(&self.output.lock().unwrap_or_else(|p| p.into_inner()))
@@ -148,6 +158,7 @@ fn parse(lines: &[String]) -> Vec<SeenSpan> {
     let mut service = String::new();
     let mut current: Option<SeenSpan> = None;
     let mut in_span_attributes = false;
+    let mut in_events = false;
     for line in lines {
         let trimmed = line.trim();
         if line.starts_with("ResourceSpans #") {
@@ -165,6 +176,7 @@ fn parse(lines: &[String]) -> Vec<SeenSpan> {
                 ..SeenSpan::default()
             });
             in_span_attributes = false;
+            in_events = false;
         } else if let Some(span) = current.as_mut() {
             let field = |prefix: &str| {
                 trimmed
@@ -185,11 +197,17 @@ fn parse(lines: &[String]) -> Vec<SeenSpan> {
                 span.status = v;
             } else if trimmed == "Attributes:" {
                 in_span_attributes = true;
-            } else if trimmed.starts_with("Events:")
-                || trimmed.starts_with("Links:")
-                || trimmed.starts_with("ScopeSpans")
-            {
+                in_events = false;
+            } else if trimmed.starts_with("Events:") {
                 in_span_attributes = false;
+                in_events = true;
+            } else if trimmed.starts_with("Links:") || trimmed.starts_with("ScopeSpans") {
+                in_span_attributes = false;
+                in_events = false;
+            } else if in_events {
+                if let Some(name) = trimmed.strip_prefix("-> Name: ") {
+                    span.events.push(name.trim().to_string());
+                }
             } else if in_span_attributes {
                 if let Some((k, v)) = trimmed.trim_start_matches("-> ").split_once(": ") {
                     let v = v

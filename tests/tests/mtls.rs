@@ -13,119 +13,12 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
+use sidemesh_tests::Proc;
+use sidemesh_tests::http;
+use sidemesh_tests::mesh::Mesh;
 use sidemesh_tests::servers::EchoServer;
-use sidemesh_tests::{Proc, eventually, http};
 
 const ORDER_ID: &str = "spiffe://cluster.local/ns/demo/sa/order-service";
-
-/// A control plane with its CA in a temporary folder, and helpers to start proxies.
-struct Mesh {
-    dir: tempfile::TempDir,
-    cp: Proc,
-}
-
-impl Mesh {
-    fn start(yaml: &str, extra: &[&str]) -> Mesh {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir_all(dir.path().join("config")).expect("mkdir");
-        std::fs::write(dir.path().join("config/mesh.yaml"), yaml).expect("write");
-        Self::start_in(dir, extra)
-    }
-
-    fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Mesh {
-        let config = dir.path().join("config");
-        let data = dir.path().join("cp");
-        let mut args = vec![
-            "--config",
-            config.to_str().expect("utf-8"),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().expect("utf-8"),
-        ];
-        args.extend_from_slice(extra);
-        let cp = Proc::start_until("sidemesh-control-plane", &args, "ready");
-        Mesh { dir, cp }
-    }
-
-    fn grpc(&self) -> String {
-        format!("http://{}", self.cp.listener("grpc"))
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    /// A proxy for `service` (in namespace demo) with an app behind it and upstreams.
-    fn proxy(
-        &self,
-        service: &str,
-        app: Option<&EchoServer>,
-        upstreams: &[&str],
-        extra: &[&str],
-    ) -> Proc {
-        let token = self.path("cp/join-token");
-        let app = app.map(|a| a.addr.to_string());
-        let upstreams: Vec<String> = upstreams
-            .iter()
-            .map(|u| format!("{u}=127.0.0.1:0"))
-            .collect();
-        let mut args = vec![
-            "--control-plane".to_string(),
-            self.grpc(),
-            "--service".into(),
-            format!("{service}.demo"),
-            "--proxy-id".into(),
-            service.into(),
-            "--join-token-file".into(),
-            token.to_string_lossy().into_owned(),
-            "--admin".into(),
-            "127.0.0.1:0".into(),
-            "--outbound".into(),
-            "127.0.0.1:0".into(),
-            "--inbound".into(),
-            "127.0.0.1:0".into(),
-        ];
-        if let Some(app) = app {
-            args.extend(["--app".into(), app]);
-        }
-        for u in upstreams {
-            args.extend(["--upstream".into(), u]);
-        }
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Proc::start_until("sidemesh-proxy", &args, "ready")
-    }
-
-    /// Waits until `caller` routes `service` to `callee`'s inbound listener as a meshed endpoint.
-    async fn wait_meshed(&self, caller: &Proc, service: &str, callee: &Proc) {
-        let inbound = callee.listener("inbound").to_string();
-        let admin = caller.listener("admin");
-        eventually(
-            &format!("{service} meshed at {inbound} in the caller's config"),
-            Duration::from_secs(10),
-            || async {
-                let dump = http(
-                    Method::GET,
-                    &format!("http://{admin}/config_dump"),
-                    None,
-                    &[],
-                )
-                .await
-                .ok()?
-                .json();
-                let found = dump["endpoints"]
-                    .as_array()?
-                    .iter()
-                    .any(|e| e["addr"] == inbound.as_str() && e["identity"].is_string());
-                found.then_some(())
-            },
-        )
-        .await;
-    }
-}
 
 fn yaml(extra_services: &str) -> String {
     format!(
@@ -315,7 +208,7 @@ fn generated_ca(mesh: &Mesh) -> TestCa {
 async fn proxies_talk_mutual_tls_and_plaintext_is_refused_in_strict_mode() {
     let mesh = Mesh::start(&yaml(""), &[]);
     let users = EchoServer::start("users").await;
-    let user_proxy = mesh.proxy("user-service", Some(&users), &[], &[]);
+    let user_proxy = mesh.proxy("user-service", Some(users.addr), &[], &[]);
     let order_proxy = mesh.proxy("order-service", None, &["user-service"], &[]);
     mesh.wait_meshed(&order_proxy, "user-service", &user_proxy)
         .await;
@@ -404,7 +297,7 @@ async fn proxies_talk_mutual_tls_and_plaintext_is_refused_in_strict_mode() {
 async fn foreign_tls_clients_without_a_valid_certificate_are_refused() {
     let mesh = Mesh::start(&yaml(""), &[]);
     let users = EchoServer::start("users").await;
-    let user_proxy = mesh.proxy("user-service", Some(&users), &[], &[]);
+    let user_proxy = mesh.proxy("user-service", Some(users.addr), &[], &[]);
     let inbound = user_proxy.listener("inbound");
     let dir = mesh.path("certs");
     std::fs::create_dir_all(&dir).expect("mkdir");
@@ -493,7 +386,7 @@ async fn a_server_presenting_the_wrong_spiffe_id_is_refused_by_the_caller() {
     // (the CA signed it) but names the wrong workload.
     let impostor = mesh.proxy(
         "payments",
-        Some(&app),
+        Some(app.addr),
         &[],
         &["--service-account", "impostor"],
     );
@@ -522,7 +415,7 @@ async fn a_server_presenting_the_wrong_spiffe_id_is_refused_by_the_caller() {
 async fn authorization_allows_order_service_and_forbids_other_workloads() {
     let mesh = Mesh::start(&yaml(""), &[]);
     let users = EchoServer::start("users").await;
-    let user_proxy = mesh.proxy("user-service", Some(&users), &[], &[]);
+    let user_proxy = mesh.proxy("user-service", Some(users.addr), &[], &[]);
     let order_proxy = mesh.proxy("order-service", None, &["user-service"], &[]);
     let stranger = mesh.proxy("stranger", None, &["user-service"], &[]);
     mesh.wait_meshed(&order_proxy, "user-service", &user_proxy)
@@ -564,7 +457,7 @@ async fn a_trust_bundle_with_two_roots_is_accepted_during_a_root_rotation() {
 
     // Proxies certified by the new intermediate talk to each other...
     let users = EchoServer::start("users").await;
-    let user_proxy = mesh.proxy("user-service", Some(&users), &[], &[]);
+    let user_proxy = mesh.proxy("user-service", Some(users.addr), &[], &[]);
     let order_proxy = mesh.proxy("order-service", None, &["user-service"], &[]);
     mesh.wait_meshed(&order_proxy, "user-service", &user_proxy)
         .await;
@@ -599,7 +492,7 @@ async fn a_trust_bundle_with_two_roots_is_accepted_during_a_root_rotation() {
 async fn certificates_rotate_under_steady_traffic_without_a_failed_request() {
     let mesh = Mesh::start(&yaml(""), &["--cert-lifetime", "10s"]);
     let users = EchoServer::start("users").await;
-    let user_proxy = mesh.proxy("user-service", Some(&users), &[], &[]);
+    let user_proxy = mesh.proxy("user-service", Some(users.addr), &[], &[]);
     // No pooled upstream connections: every request makes a new mTLS handshake, so each
     // renewed certificate is used and checked.
     let order_proxy = mesh.proxy(
@@ -642,7 +535,7 @@ async fn certificates_rotate_under_steady_traffic_without_a_failed_request() {
 async fn permissive_mode_accepts_both_and_metrics_tell_them_apart() {
     let mesh = Mesh::start(&yaml("").replace("mtls: strict", "mtls: permissive"), &[]);
     let app = EchoServer::start("payments").await;
-    let payments = mesh.proxy("payments", Some(&app), &[], &[]);
+    let payments = mesh.proxy("payments", Some(app.addr), &[], &[]);
     let order_proxy = mesh.proxy("order-service", None, &["payments"], &[]);
     mesh.wait_meshed(&order_proxy, "payments", &payments).await;
 

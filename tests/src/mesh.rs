@@ -1,0 +1,120 @@
+//! A mesh for end-to-end tests: the real control plane (with its CA in a temporary folder)
+//! and real proxies in control-plane mode, certified with the control plane's join token.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::Method;
+
+use crate::{Proc, eventually, http};
+
+/// A control plane with its CA in a temporary folder, and helpers to start proxies.
+#[derive(Debug)]
+pub struct Mesh {
+    dir: tempfile::TempDir,
+    pub cp: Proc,
+}
+
+impl Mesh {
+    pub fn start(yaml: &str, extra: &[&str]) -> Mesh {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("config")).expect("mkdir");
+        std::fs::write(dir.path().join("config/mesh.yaml"), yaml).expect("write");
+        Self::start_in(dir, extra)
+    }
+
+    pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Mesh {
+        let config = dir.path().join("config");
+        let data = dir.path().join("cp");
+        let mut args = vec![
+            "--config",
+            config.to_str().expect("utf-8"),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().expect("utf-8"),
+        ];
+        args.extend_from_slice(extra);
+        let cp = Proc::start_until("sidemesh-control-plane", &args, "ready");
+        Mesh { dir, cp }
+    }
+
+    pub fn grpc(&self) -> String {
+        format!("http://{}", self.cp.listener("grpc"))
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// A proxy for `service` (in namespace demo) with an app behind it and upstreams.
+    pub fn proxy(
+        &self,
+        service: &str,
+        app: Option<SocketAddr>,
+        upstreams: &[&str],
+        extra: &[&str],
+    ) -> Proc {
+        let token = self.path("cp/join-token");
+        let app = app.map(|a| a.to_string());
+        let upstreams: Vec<String> = upstreams
+            .iter()
+            .map(|u| format!("{u}=127.0.0.1:0"))
+            .collect();
+        let mut args = vec![
+            "--control-plane".to_string(),
+            self.grpc(),
+            "--service".into(),
+            format!("{service}.demo"),
+            "--proxy-id".into(),
+            service.into(),
+            "--join-token-file".into(),
+            token.to_string_lossy().into_owned(),
+            "--admin".into(),
+            "127.0.0.1:0".into(),
+            "--outbound".into(),
+            "127.0.0.1:0".into(),
+            "--inbound".into(),
+            "127.0.0.1:0".into(),
+        ];
+        if let Some(app) = app {
+            args.extend(["--app".into(), app]);
+        }
+        for u in upstreams {
+            args.extend(["--upstream".into(), u]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Proc::start_until("sidemesh-proxy", &args, "ready")
+    }
+
+    /// Waits until `caller` routes `service` to `callee`'s inbound listener as a meshed endpoint.
+    pub async fn wait_meshed(&self, caller: &Proc, service: &str, callee: &Proc) {
+        let inbound = callee.listener("inbound").to_string();
+        let admin = caller.listener("admin");
+        eventually(
+            &format!("{service} meshed at {inbound} in the caller's config"),
+            Duration::from_secs(10),
+            || async {
+                let dump = http(
+                    Method::GET,
+                    &format!("http://{admin}/config_dump"),
+                    None,
+                    &[],
+                )
+                .await
+                .ok()?
+                .json();
+                let found = dump["endpoints"]
+                    .as_array()?
+                    .iter()
+                    .any(|e| e["addr"] == inbound.as_str() && e["identity"].is_string());
+                found.then_some(())
+            },
+        )
+        .await;
+    }
+}
