@@ -324,3 +324,115 @@ async fn a_collector_that_is_down_costs_requests_nothing() {
     .await;
     assert!(dropped >= 200.0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_export_b3_and_a_pushed_sampling_ratio() {
+    let Some(rotel) = collector() else { return };
+    // OTLP over HTTP/protobuf, and no new trace sampled at first.
+    let yaml = |sampling: &str| {
+        echo_yaml(&rotel.http_url()).replace(
+            "sampling: 1.0}",
+            &format!("sampling: {sampling}, protocol: http-protobuf}}"),
+        )
+    };
+    let mesh = Mesh::start(&yaml("0.0"), &[]);
+    let app = EchoServer::start("payments").await;
+    let payments = mesh.proxy("payments", Some(app.addr), &[], &[]);
+    let caller = mesh.proxy("loadgen", None, &["payments"], &[]);
+    mesh.wait_meshed(&caller, "payments", &payments).await;
+    let to_payments = caller.listener("upstream:payments");
+    let get = |headers: Vec<(&'static str, String)>| {
+        let url = format!("http://{to_payments}/headers");
+        async move {
+            let headers: Vec<(&str, &str)> =
+                headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            http(Method::GET, &url, None, &headers)
+                .await
+                .expect("request")
+        }
+    };
+
+    // A B3 caller's sampled trace is continued (the ratio is only for new traces), and the
+    // app receives W3C context naming the proxy's span.
+    let b3_trace = "80f198ee56343ba864fe8b2a57d3eff7";
+    let resp = get(vec![("b3", format!("{b3_trace}-e457b5a2e4d86bd1-1"))]).await;
+    assert_eq!(resp.status, StatusCode::OK);
+    let seen_by_app = resp.json()["headers"]["traceparent"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(seen_by_app.contains(b3_trace), "{seen_by_app}");
+    let spans = trace(&rotel, b3_trace, 2).await;
+    let client = proxy_span(&spans, "loadgen", "outbound");
+    assert_eq!(
+        client.parent_id, "e457b5a2e4d86bd1",
+        "continues the B3 caller's span"
+    );
+
+    // Without context, sampling 0.0 keeps nothing new...
+    let before = rotel.spans().len();
+    for _ in 0..20 {
+        assert_eq!(get(vec![]).await.status, StatusCode::OK);
+    }
+    // ...and after a pushed change to 1.0, every new trace is kept.
+    let config = mesh.path("config/mesh.yaml");
+    let tmp = mesh.path("config/.mesh.yaml.tmp");
+    std::fs::write(&tmp, yaml("1.0")).expect("write");
+    std::fs::rename(&tmp, &config).expect("rename");
+    let admin = caller.listener("admin");
+    eventually(
+        "the new sampling ratio applied",
+        Duration::from_secs(10),
+        || async {
+            let dump = http(
+                Method::GET,
+                &format!("http://{admin}/config_dump"),
+                None,
+                &[],
+            )
+            .await
+            .ok()?
+            .body;
+            dump.contains("\"sampling\": 1.0").then_some(())
+        },
+    )
+    .await;
+    let sampled = "9bf92f3577b34da6a3ce929d0e0e4730";
+    // An unsampled parent is still honoured after the change.
+    let unsampled = "abf92f3577b34da6a3ce929d0e0e4731";
+    let resp = get(vec![(
+        "traceparent",
+        format!("00-{unsampled}-{CALLER_SPAN}-00"),
+    )])
+    .await;
+    assert!(
+        resp.json()["headers"]["traceparent"]
+            .as_str()
+            .is_some_and(|t| t.contains(unsampled) && t.ends_with("-00")),
+        "the decision not to sample is passed on: {}",
+        resp.body
+    );
+    for _ in 0..5 {
+        get(vec![]).await;
+    }
+    get(vec![(
+        "traceparent",
+        format!("00-{sampled}-{CALLER_SPAN}-01"),
+    )])
+    .await;
+    trace(&rotel, sampled, 2).await;
+    let new_traces: std::collections::HashSet<String> = rotel.spans()[before..]
+        .iter()
+        .filter(|s| s.service == "loadgen" && s.parent_id.is_empty())
+        .map(|s| s.trace_id.clone())
+        .collect();
+    assert_eq!(
+        new_traces.len(),
+        5,
+        "the 20 requests at 0.0 made no trace, the 5 at 1.0 made one each"
+    );
+    assert!(
+        rotel.spans().iter().all(|s| s.trace_id != unsampled),
+        "an unsampled parent's trace is never exported"
+    );
+}
