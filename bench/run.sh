@@ -4,7 +4,7 @@
 #
 #   bench/run.sh                 # 3 interleaved rounds (about 10 minutes on 2 cores)
 #   bench/run.sh --rounds 5      # more rounds, tighter spread
-#   bench/run.sh --only control-plane   # one section only (data-plane, control-plane, policies, mtls)
+#   bench/run.sh --only control-plane   # one section only (data-plane, control-plane, policies, mtls, tracing)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -184,7 +184,9 @@ async fn handle(
         // Upstream sees this proxy's span as its parent; retries add one child per attempt.
         span.inject(&mut parts.headers);
         if matches!(&destination, Destination::Route(r) if r.retry.is_some()) {
-            parts.extensions.insert(span.attempt_parent());
+            if let Some(parent) = span.attempt_parent() {
+                parts.extensions.insert(parent);
+            }
         }
     }
     parts.extensions.insert(destination);

@@ -27,8 +27,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{
-    SamplingDecision, SamplingResult, SdkTracer, SdkTracerProvider, ShouldSample, SpanData,
-    SpanExporter as _, SpanProcessor,
+    Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanExporter as _, SpanProcessor,
 };
 use prometheus_client::metrics::counter::Counter;
 use sidemesh_config::OtlpProtocol;
@@ -170,7 +169,9 @@ impl Tracing {
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(export_loop(exporter, rx, self.counters.clone()));
         let provider = SdkTracerProvider::builder()
-            .with_sampler(RatioSampler(self.ratio.clone()))
+            // The ratio is applied before spans are built (`start_request`); what reaches the
+            // SDK is kept unless its parent was not.
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
             .with_span_processor(Queue {
                 tx,
                 dropped: self.counters.dropped_queue_full.clone(),
@@ -195,6 +196,28 @@ impl Tracing {
     pub fn start_request(&self, start: RequestStart<'_>) -> Option<RequestSpan> {
         let active = self.active.load_full()?;
         let parent = extract(start.headers);
+        let remote = parent.span().span_context().clone();
+        // Decided here, before any span is built: most requests of a low ratio cost only a
+        // context written upstream, so the rest of the trace knows the decision.
+        let (sampled, trace_id) = if remote.is_valid() {
+            (remote.is_sampled(), remote.trace_id())
+        } else {
+            let id = TraceId::from(fastrand::u128(1..));
+            (keep_new_trace(self.ratio(), id), id)
+        };
+        if !sampled {
+            let own = SpanContext::new(
+                trace_id,
+                SpanId::from(fastrand::u64(1..)),
+                TraceFlags::default(),
+                false,
+                remote.trace_state().clone(),
+            );
+            return Some(RequestSpan {
+                cx: Context::new().with_remote_span_context(own),
+                active: None,
+            });
+        }
         let template = start.route_template;
         let name = match template {
             Some(t) => format!("{} {t}", start.method),
@@ -229,9 +252,26 @@ impl Tracing {
             .start_with_context(&active.tracer, &parent);
         Some(RequestSpan {
             cx: parent.with_span(span),
-            active,
+            active: Some(active),
         })
     }
+
+    fn ratio(&self) -> f64 {
+        f64::from_bits(self.ratio.load(Ordering::Relaxed))
+    }
+}
+
+/// Whether a trace starting here is kept at `ratio`: the low 63 bits of its (random) id
+/// against the ratio, so every proxy decides the same for the same id.
+fn keep_new_trace(ratio: f64, trace_id: TraceId) -> bool {
+    if ratio >= 1.0 {
+        return true;
+    }
+    let bytes = trace_id.to_bytes();
+    let low = u64::from_be_bytes([
+        bytes[8], bytes[9], bytes[10], bytes[11], bytes[12], bytes[13], bytes[14], bytes[15],
+    ]) >> 1;
+    (low as f64) < ratio * (1u64 << 63) as f64
 }
 
 /// What a request's span is made from.
@@ -252,7 +292,8 @@ pub struct RequestStart<'a> {
 #[derive(Debug)]
 pub struct RequestSpan {
     cx: Context,
-    active: Arc<Active>,
+    /// `None`: not sampled; only the context is passed on.
+    active: Option<Arc<Active>>,
 }
 
 /// What the retry stage needs to make a span per attempt.
@@ -268,11 +309,12 @@ impl RequestSpan {
         inject(&self.cx, headers);
     }
 
-    pub fn attempt_parent(&self) -> AttemptParent {
-        AttemptParent {
+    /// For a sampled request: what attempt spans hang from.
+    pub fn attempt_parent(&self) -> Option<AttemptParent> {
+        Some(AttemptParent {
             cx: self.cx.clone(),
-            active: self.active.clone(),
-        }
+            active: self.active.clone()?,
+        })
     }
 
     pub fn event(&self, name: &'static str, attributes: Vec<KeyValue>) {
@@ -281,6 +323,9 @@ impl RequestSpan {
 
     /// Ends the span with the response's status (or the endpoint that answered).
     pub fn finish(self, status: http::StatusCode, endpoint: Option<std::net::SocketAddr>) {
+        if self.active.is_none() {
+            return;
+        }
         let span = self.cx.span();
         span.set_attribute(KeyValue::new(
             "http.response.status_code",
@@ -447,53 +492,6 @@ fn b3_context(
     ))
 }
 
-/// Parent-based sampling; new traces at the ratio in force (read at every decision, so a
-/// config push changes it without a new tracer).
-#[derive(Debug, Clone)]
-struct RatioSampler(Arc<AtomicU64>);
-
-impl ShouldSample for RatioSampler {
-    fn should_sample(
-        &self,
-        parent: Option<&Context>,
-        trace_id: TraceId,
-        _name: &str,
-        _kind: &SpanKind,
-        _attributes: &[KeyValue],
-        _links: &[opentelemetry::trace::Link],
-    ) -> SamplingResult {
-        let parent = parent
-            .filter(|cx| cx.has_active_span())
-            .map(|cx| cx.span().span_context().clone())
-            .filter(SpanContext::is_valid);
-        let decision = match &parent {
-            Some(sc) if sc.is_sampled() => SamplingDecision::RecordAndSample,
-            Some(_) => SamplingDecision::Drop,
-            None => {
-                let ratio = f64::from_bits(self.0.load(Ordering::Relaxed));
-                // The low 63 bits of the trace id against the ratio, as W3C's random ids allow.
-                let bytes = trace_id.to_bytes();
-                let low = u64::from_be_bytes([
-                    bytes[8], bytes[9], bytes[10], bytes[11], bytes[12], bytes[13], bytes[14],
-                    bytes[15],
-                ]) >> 1;
-                if ratio >= 1.0 || (low as f64) < ratio * (1u64 << 63) as f64 {
-                    SamplingDecision::RecordAndSample
-                } else {
-                    SamplingDecision::Drop
-                }
-            }
-        };
-        SamplingResult {
-            decision,
-            attributes: Vec::new(),
-            trace_state: parent
-                .map(|sc| sc.trace_state().clone())
-                .unwrap_or_default(),
-        }
-    }
-}
-
 /// Hands finished spans to the export task without ever waiting.
 #[derive(Debug)]
 struct Queue {
@@ -613,37 +611,13 @@ mod tests {
     }
 
     #[test]
-    fn the_ratio_applies_to_new_traces_and_parents_decide_otherwise() {
-        let ratio = Arc::new(AtomicU64::new(0.0f64.to_bits()));
-        let sampler = RatioSampler(ratio.clone());
-        let decide = |parent: Option<&Context>, id: u128| {
-            sampler
-                .should_sample(parent, TraceId::from(id), "x", &SpanKind::Server, &[], &[])
-                .decision
-        };
-        assert_eq!(decide(None, 42), SamplingDecision::Drop);
-        let sampled_parent = Context::new().with_remote_span_context(SpanContext::new(
-            TraceId::from(7u128),
-            SpanId::from(9u64),
-            TraceFlags::SAMPLED,
-            true,
-            TraceState::default(),
-        ));
-        assert_eq!(
-            decide(Some(&sampled_parent), 42),
-            SamplingDecision::RecordAndSample
-        );
-        ratio.store(1.0f64.to_bits(), Ordering::Relaxed);
-        assert_eq!(decide(None, 42), SamplingDecision::RecordAndSample);
-        ratio.store(0.5f64.to_bits(), Ordering::Relaxed);
-        let kept = (0..1000u128)
-            .filter(|i| {
-                decide(
-                    None,
-                    i.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835),
-                ) == SamplingDecision::RecordAndSample
-            })
-            .count();
+    fn the_ratio_keeps_a_share_of_new_traces() {
+        let id = |i: u128| TraceId::from(i.wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835));
+        assert!((0..100).all(|i| keep_new_trace(1.0, id(i))));
+        assert!((0..100).all(|i| !keep_new_trace(0.0, id(i))));
+        let kept = (0..1000).filter(|&i| keep_new_trace(0.5, id(i))).count();
         assert!((400..600).contains(&kept), "about half kept: {kept}");
+        let kept = (0..10_000).filter(|&i| keep_new_trace(0.01, id(i))).count();
+        assert!((50..150).contains(&kept), "about 1 % kept: {kept}");
     }
 }

@@ -24,6 +24,8 @@ pub struct SeenSpan {
     pub attributes: Vec<(String, String)>,
     /// Names of the span's events.
     pub events: Vec<String>,
+    /// Attributes of the resource that sent it (`service.namespace`, `k8s.pod.name`, ...).
+    pub resource: Vec<(String, String)>,
 }
 
 impl SeenSpan {
@@ -156,6 +158,7 @@ fn free_port() -> SocketAddr {
 fn parse(lines: &[String]) -> Vec<SeenSpan> {
     let mut spans = Vec::new();
     let mut service = String::new();
+    let mut resource: Vec<(String, String)> = Vec::new();
     let mut current: Option<SeenSpan> = None;
     let mut in_span_attributes = false;
     let mut in_events = false;
@@ -164,15 +167,24 @@ fn parse(lines: &[String]) -> Vec<SeenSpan> {
         if line.starts_with("ResourceSpans #") {
             spans.extend(current.take());
             service.clear();
+            resource.clear();
             in_span_attributes = false;
-        } else if let Some(rest) = trimmed.strip_prefix("-> service.name: Str(") {
-            if current.is_none() {
-                service = rest.trim_end_matches(')').to_string();
+        } else if current.is_none() && trimmed.starts_with("-> ") {
+            // Resource attributes come before the first span of a ResourceSpans block.
+            if let Some((k, v)) = trimmed.trim_start_matches("-> ").split_once(": ") {
+                let v = v
+                    .split_once('(')
+                    .map_or(v, |(_, inner)| inner.strip_suffix(')').unwrap_or(inner));
+                if k == "service.name" {
+                    service = v.to_string();
+                }
+                resource.push((k.to_string(), v.to_string()));
             }
         } else if trimmed.starts_with("Span #") {
             spans.extend(current.take());
             current = Some(SeenSpan {
                 service: service.clone(),
+                resource: resource.clone(),
                 ..SeenSpan::default()
             });
             in_span_attributes = false;

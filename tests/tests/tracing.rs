@@ -178,6 +178,21 @@ async fn one_request_is_one_trace_across_every_hop() {
         Some("spiffe://cluster.local/ns/demo/sa/loadgen")
     );
     assert!(order_in.attribute("network.peer.address").is_some());
+    let resource = |key: &str| {
+        order_in
+            .resource
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(resource("service.name"), Some("order-service"));
+    assert_eq!(resource("service.namespace"), Some("demo"));
+    assert_eq!(
+        resource("k8s.pod.name"),
+        Some("order-service"),
+        "the proxy id"
+    );
+    assert!(resource("host.name").is_some());
     assert_eq!(order_out.name, "POST /demo.users.v1.UserService/GetUser");
     assert_eq!(attempt.attribute("sidemesh.attempt"), Some("1"));
     assert_eq!(
