@@ -1,6 +1,7 @@
 //! `sidemesh-proxy`: the per-pod data plane. `pipeline.rs` lists the data path in order.
 //!
 //! - `app`: build (load config, bind listeners) and run (serve, reload, drain).
+//! - `init`: `sidemesh-proxy init`, the iptables rules of a pod.
 //! - `config`: the proxy's flags and environment variables.
 //! - `accept`: listeners, connection limits, original destination.
 //! - `detect`: protocol detection (HTTP/1, HTTP/2, TLS, opaque).
@@ -35,6 +36,7 @@ pub mod forward;
 pub mod headers;
 pub mod http;
 pub mod identity;
+pub mod init;
 pub mod metrics;
 pub mod pipeline;
 pub mod ratelimit;

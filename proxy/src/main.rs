@@ -1,4 +1,5 @@
-//! `sidemesh-proxy`: see `sidemesh-proxy --help`.
+//! `sidemesh-proxy`: see `sidemesh-proxy --help` (and `sidemesh-proxy init --help` for the
+//! iptables rules of a pod).
 
 use std::process::ExitCode;
 
@@ -20,6 +21,29 @@ fn init_logs(format: &str) {
 }
 
 fn main() -> ExitCode {
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv.get(1).is_some_and(|a| a == "init") {
+        argv.remove(1);
+        let args = sidemesh_proxy::init::InitArgs::parse_from(argv);
+        return match sidemesh_proxy::init::run(&args) {
+            Ok(()) if args.dry_run => ExitCode::SUCCESS,
+            Ok(()) if args.cleanup => {
+                eprintln!("sidemesh-proxy init: rules removed");
+                ExitCode::SUCCESS
+            }
+            Ok(()) => {
+                eprintln!(
+                    "sidemesh-proxy init: outbound TCP -> :{} (except uid {} and loopback), inbound TCP -> :{}",
+                    args.outbound_port, args.proxy_uid, args.inbound_port
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("sidemesh-proxy init: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let args = Args::parse();
     init_logs(&args.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

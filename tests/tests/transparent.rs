@@ -2,7 +2,7 @@
 //! proxy, which reads the original destination (SO_ORIGINAL_DST). Runs in a network namespace
 //! of its own; needs root (CI runs as root) and skips with a printed reason otherwise.
 
-use sidemesh_tests::{Proc, skip};
+use sidemesh_tests::{Proc, bin, skip};
 use std::process::Command;
 
 const PROXY_UID: &str = "2102";
@@ -136,26 +136,34 @@ fn redirected_connections_are_routed_or_passed_through_to_their_original_destina
         ],
         "ready",
     );
-    ns.exec(&[
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-d",
-        ADDR,
-        "-m",
-        "owner",
-        "!",
-        "--uid-owner",
-        PROXY_UID,
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        "15001",
-    ]);
+    // The rules the Kubernetes init container installs, by the same command.
+    let proxy_bin = bin("sidemesh-proxy");
+    let proxy_bin = proxy_bin.to_str().expect("path");
+    let dry_run = ns.exec(&[proxy_bin, "init", "--dry-run"]);
+    assert!(
+        dry_run.contains("-A SIDEMESH_OUTPUT -m owner --uid-owner 2102 -j RETURN"),
+        "{dry_run}"
+    );
+    assert!(
+        !ns.exec(&["iptables", "-t", "nat", "-S"])
+            .contains("SIDEMESH"),
+        "--dry-run changes nothing"
+    );
+    ns.exec(&[proxy_bin, "init"]);
+    let installed = ns.exec(&["iptables", "-t", "nat", "-S"]);
+    ns.exec(&[proxy_bin, "init"]);
+    assert_eq!(
+        ns.exec(&["iptables", "-t", "nat", "-S"]),
+        installed,
+        "running init twice equals running it once"
+    );
+    assert_eq!(
+        installed
+            .matches("-A OUTPUT -p tcp -j SIDEMESH_OUTPUT")
+            .count(),
+        1,
+        "{installed}"
+    );
 
     // Not a mesh host: passed through to the original destination, order-service on :9090.
     let passthrough = ns.exec(&[
@@ -191,10 +199,19 @@ fn redirected_connections_are_routed_or_passed_through_to_their_original_destina
         metrics.contains("sidemesh_requests_total{direction=\"outbound\",service=\"user-service\",route=\"default\",status_class=\"2xx\"} 1"),
         "the routed request is counted:\n{metrics}"
     );
-    let counters = ns.exec(&["iptables", "-t", "nat", "-L", "OUTPUT", "-v", "-n", "-x"]);
+    let counters = ns.exec(&[
+        "iptables",
+        "-t",
+        "nat",
+        "-L",
+        "SIDEMESH_OUTPUT_REDIRECT",
+        "-v",
+        "-n",
+        "-x",
+    ]);
     let redirected: u64 = counters
         .lines()
-        .find(|l| l.contains("REDIRECT"))
+        .find(|l| l.contains("redir ports"))
         .and_then(|l| l.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
@@ -202,4 +219,9 @@ fn redirected_connections_are_routed_or_passed_through_to_their_original_destina
         redirected >= 2,
         "iptables counted {redirected} redirected connections:\n{counters}"
     );
+
+    // --cleanup removes exactly what init added.
+    ns.exec(&[proxy_bin, "init", "--cleanup"]);
+    let left = ns.exec(&["iptables", "-t", "nat", "-S"]);
+    assert!(!left.contains("SIDEMESH"), "{left}");
 }
