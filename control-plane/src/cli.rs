@@ -37,6 +37,23 @@ pub enum Command {
     },
     /// Run the whole demo mesh on this machine (no Kubernetes, no containers).
     Up(crate::up::UpArgs),
+    /// Add the Sidemesh proxy to every pod template of Kubernetes manifests, printed to stdout:
+    /// `sidemesh inject -f app.yaml | kubectl apply -f -`.
+    Inject {
+        /// A YAML file (one or more documents), a folder of them, or `-` for stdin.
+        #[arg(short = 'f', long = "filename")]
+        path: PathBuf,
+        /// The proxy image (it also runs the init step).
+        #[arg(long, env = "SIDEMESH_PROXY_IMAGE")]
+        image: Option<String>,
+        /// The control plane's gRPC address, as pods reach it.
+        #[arg(long, env = "SIDEMESH_CONTROL_PLANE_URL")]
+        control_plane: Option<String>,
+        /// Clusters older than Kubernetes 1.29: the proxy goes among the containers instead
+        /// of being a native sidecar.
+        #[arg(long)]
+        legacy_sidecar: bool,
+    },
     /// Print the JSON Schema of the routing language (or its field reference as Markdown).
     Schema {
         /// Print the Markdown field reference used in the README instead.
@@ -84,6 +101,38 @@ pub fn run(cli: Cli) -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Inject {
+            path,
+            image,
+            control_plane,
+            legacy_sidecar,
+        } => {
+            let mut config = crate::inject::InjectConfig {
+                legacy_sidecar,
+                ..crate::inject::InjectConfig::default()
+            };
+            if let Some(image) = image {
+                config.image = image;
+            }
+            if let Some(url) = control_plane {
+                config.control_plane = url;
+            }
+            match read_manifests(&path).map(|text| crate::inject::inject_documents(&text, &config))
+            {
+                Ok(Ok(out)) => {
+                    print!("{out}");
+                    ExitCode::SUCCESS
+                }
+                Ok(Err(e)) => {
+                    eprintln!("error: {}: {e}", path.display());
+                    ExitCode::from(1)
+                }
+                Err(e) => {
+                    eprintln!("error: {}: {e}", path.display());
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Schema { markdown } => {
             if markdown {
                 print!("{}", schema::field_reference());
@@ -93,6 +142,31 @@ pub fn run(cli: Cli) -> ExitCode {
             ExitCode::SUCCESS
         }
     }
+}
+
+/// A file, every `*.yaml`/`*.yml` of a folder (in name order), or stdin (`-`), as one
+/// multi-document text.
+fn read_manifests(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::Read;
+    if path == std::path::Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text)?;
+        return Ok(text);
+    }
+    if !path.is_dir() {
+        return std::fs::read_to_string(path);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    let mut text = String::new();
+    for file in files {
+        text.push_str(&std::fs::read_to_string(&file)?);
+        text.push_str("\n---\n");
+    }
+    Ok(text)
 }
 
 fn validate(path: &std::path::Path) -> ExitCode {

@@ -9,6 +9,7 @@
 //! - `discovery`: the gRPC stream with each proxy.
 //! - `ca`: the certificate authority (generated root or mounted files).
 //! - `identity`: the gRPC identity service: credential check, then a signed certificate.
+//! - `inject`: `sidemesh inject`, the proxy added to pod templates (also the webhook's patch).
 //! - `status`: `sidemesh status`.
 //! - `admin`, `metrics`: `/status`, `/metrics`, `/debug/config`.
 //! - `up`: `sidemesh up`, the demo on one machine.
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod discovery;
 pub mod hub;
 pub mod identity;
+pub mod inject;
 pub mod metrics;
 pub mod registry;
 pub mod server;
