@@ -197,6 +197,40 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
     bytes
 }
 
+impl Authority {
+    /// A serving certificate for `dns_names` (the admission webhook), signed by this CA, with
+    /// its chain (leaf first) and its key.
+    pub fn issue_server(
+        &self,
+        dns_names: &[String],
+        lifetime: Duration,
+    ) -> Result<
+        (
+            Vec<CertificateDer<'static>>,
+            rustls_pki_types::PrivateKeyDer<'static>,
+        ),
+        SignError,
+    > {
+        let key = KeyPair::generate().map_err(SignError::Sign)?;
+        let mut params = CertificateParams::new(dns_names.to_vec()).map_err(SignError::Sign)?;
+        let now = SystemTime::now();
+        params.not_before = (now - BACKDATE).into();
+        params.not_after = (now + lifetime).into();
+        params.serial_number = Some(random_serial());
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(SignError::Sign)?;
+        let mut chain = vec![cert.der().clone()];
+        chain.extend(self.chain.iter().cloned());
+        let key = rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        Ok((chain, key))
+    }
+}
+
 fn random_serial() -> SerialNumber {
     let mut bytes: [u8; 16] = random_bytes();
     // Positive and without a leading zero byte.

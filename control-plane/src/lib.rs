@@ -10,6 +10,7 @@
 //! - `ca`: the certificate authority (generated root or mounted files).
 //! - `identity`: the gRPC identity service: credential check, then a signed certificate.
 //! - `inject`: `sidemesh inject`, the proxy added to pod templates (also the webhook's patch).
+//! - `webhook`: the mutating admission webhook (AdmissionReview v1, JSONPatch, TLS).
 //! - `status`: `sidemesh status`.
 //! - `admin`, `metrics`: `/status`, `/metrics`, `/debug/config`.
 //! - `up`: `sidemesh up`, the demo on one machine.
@@ -35,3 +36,4 @@ pub mod summary;
 pub mod tokenreview;
 pub mod up;
 pub mod view;
+pub mod webhook;

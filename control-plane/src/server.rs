@@ -26,6 +26,7 @@ pub const ENV_CA_DIR: &str = "SIDEMESH_CA_DIR";
 pub const ENV_JOIN_TOKEN_FILE: &str = "SIDEMESH_JOIN_TOKEN_FILE";
 pub const ENV_CERT_LIFETIME: &str = "SIDEMESH_CERT_LIFETIME";
 pub const ENV_KUBERNETES_API: &str = "SIDEMESH_KUBERNETES_API";
+pub const ENV_WEBHOOK: &str = "SIDEMESH_WEBHOOK_LISTEN";
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -70,6 +71,28 @@ pub struct Args {
     /// How long workload certificates are valid; proxies renew at about 70 %.
     #[arg(long, env = ENV_CERT_LIFETIME, value_parser = parse_duration, default_value = "24h")]
     pub cert_lifetime: Duration,
+    /// Serve the mutating admission webhook (TLS) here, e.g. `0.0.0.0:15017`.
+    #[arg(long, env = ENV_WEBHOOK)]
+    pub webhook: Option<SocketAddr>,
+    /// The webhook's certificate and key (PEM). Default: one signed by the mesh CA for
+    /// `--webhook-dns`, so the webhook configuration's caBundle is the mesh root.
+    #[arg(long, requires = "webhook_key")]
+    pub webhook_cert: Option<PathBuf>,
+    #[arg(long, requires = "webhook_cert")]
+    pub webhook_key: Option<PathBuf>,
+    /// DNS names of the generated webhook certificate (comma-separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "sidemesh-control-plane.sidemesh-system.svc"
+    )]
+    pub webhook_dns: Vec<String>,
+    /// The proxy image the webhook injects.
+    #[arg(long, env = "SIDEMESH_PROXY_IMAGE")]
+    pub proxy_image: Option<String>,
+    /// The control plane's address as injected proxies reach it.
+    #[arg(long, env = "SIDEMESH_CONTROL_PLANE_URL")]
+    pub control_plane_url: Option<String>,
     /// Kubernetes API server that checks proxies' service-account tokens (TokenReview), e.g.
     /// `https://kubernetes.default.svc`. Default: the cluster the control plane runs in, if any.
     /// Needs the `kubernetes` build feature.
@@ -123,6 +146,64 @@ pub enum StartError {
     JoinToken(#[from] crate::identity::TokenError),
     #[error("{0}")]
     Kubernetes(String),
+    #[error("admission webhook: {0}")]
+    Webhook(String),
+}
+
+/// The webhook's listener and TLS settings, when it is served.
+#[derive(Debug)]
+struct Webhook {
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    inject: Arc<crate::inject::InjectConfig>,
+}
+
+async fn webhook(args: &Args, ca: &Authority) -> Result<Option<Webhook>, StartError> {
+    use rustls_pki_types::pem::PemObject;
+    let Some(addr) = args.webhook else {
+        return Ok(None);
+    };
+    let err = |e: &dyn std::fmt::Display| StartError::Webhook(e.to_string());
+    let (chain, key) = match (&args.webhook_cert, &args.webhook_key) {
+        (Some(cert), Some(key)) => (
+            rustls_pki_types::CertificateDer::pem_file_iter(cert)
+                .map_err(|e| err(&format!("{}: {e}", cert.display())))?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| err(&format!("{}: {e}", cert.display())))?,
+            rustls_pki_types::PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| err(&format!("{}: {e}", key.display())))?,
+        ),
+        _ => ca
+            .issue_server(&args.webhook_dns, Duration::from_secs(365 * 24 * 3600))
+            .map_err(|e| err(&e))?,
+    };
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| err(&e))?
+    .with_no_client_auth()
+    .with_single_cert(chain, key)
+    .map_err(|e| err(&e))?;
+    let mut inject = crate::inject::InjectConfig::default();
+    if let Some(image) = &args.proxy_image {
+        inject.image.clone_from(image);
+    }
+    if let Some(url) = &args.control_plane_url {
+        inject.control_plane.clone_from(url);
+    }
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind {
+            what: "webhook",
+            addr,
+            source,
+        })?;
+    Ok(Some(Webhook {
+        listener,
+        tls: Arc::new(tls),
+        inject: Arc::new(inject),
+    }))
 }
 
 /// The TokenReview client, when a Kubernetes API server is configured or this runs in a pod.
@@ -179,6 +260,7 @@ pub struct ControlPlane {
     pub hub: Arc<Hub>,
     pub ca: Arc<Authority>,
     join_token: JoinToken,
+    webhook: Option<Webhook>,
     #[cfg(feature = "kubernetes")]
     reviewer: Option<crate::tokenreview::Reviewer>,
     pub grpc_addr: SocketAddr,
@@ -200,6 +282,7 @@ pub async fn build(args: Args) -> Result<ControlPlane, StartError> {
     // Checked at start so a bad setting fails now, not at the first certificate request.
     #[cfg_attr(not(feature = "kubernetes"), allow(unused_variables))]
     let reviewer = reviewer(&args)?;
+    let webhook = webhook(&args, &ca).await?;
     let bind = |what, addr| async move {
         TcpListener::bind(addr)
             .await
@@ -213,6 +296,7 @@ pub async fn build(args: Args) -> Result<ControlPlane, StartError> {
         hub,
         ca,
         join_token,
+        webhook,
         #[cfg(feature = "kubernetes")]
         reviewer,
         grpc,
@@ -238,6 +322,20 @@ impl ControlPlane {
                 .drive(self.args.disconnect_grace, stop.clone()),
         );
         tokio::spawn(admin::serve(self.admin, self.hub.clone(), stop.clone()));
+        if let Some(webhook) = self.webhook {
+            let addr = webhook
+                .listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            tracing::info!(listener = "webhook", addr = %addr, "listening");
+            tokio::spawn(crate::webhook::serve(
+                webhook.listener,
+                webhook.tls,
+                webhook.inject,
+                stop.clone(),
+            ));
+        }
         tracing::info!(listener = "grpc", addr = %self.grpc_addr, "listening");
         tracing::info!(listener = "admin", addr = %self.admin_addr, "listening");
         match self.hub.store.current() {

@@ -1,0 +1,162 @@
+//! The admission webhook, served by the control plane over TLS, called like the API server
+//! calls it (`curl` with the mesh CA as trust root, a real AdmissionReview v1 body): the
+//! JSONPatch it returns, applied to the pod, gives a pod that validates strictly and carries
+//! the proxy.
+
+use std::process::Command;
+
+use base64::Engine as _;
+use serde_json::{Value, json};
+use sidemesh_tests::{Proc, skip, workspace_root};
+
+fn post(url: &str, ca: &std::path::Path, body: &str) -> Value {
+    let out = Command::new("curl")
+        .args(["-sS", "--fail-with-body", "--cacert"])
+        .arg(ca)
+        .args([
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            body,
+            url,
+        ])
+        .output()
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON answer")
+}
+
+/// Applies the two operations the webhook emits (`replace /spec`, `add /metadata/annotations`).
+fn apply(pod: &mut Value, patch: &[Value]) {
+    for op in patch {
+        let path = op["path"].as_str().expect("path");
+        let target = pod
+            .pointer_mut(path.rsplit_once('/').map_or("", |(p, _)| p))
+            .expect("parent");
+        let key = path.rsplit('/').next().expect("key");
+        match op["op"].as_str() {
+            Some("replace" | "add") => target[key] = op["value"].clone(),
+            other => panic!("unexpected op {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn the_webhook_patches_pods_over_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("config")).expect("mkdir");
+    std::fs::write(
+        dir.path().join("config/mesh.yaml"),
+        "apiVersion: sidemesh.io/v1\nkind: Mesh\n",
+    )
+    .expect("yaml");
+    let cp = Proc::start_until(
+        "sidemesh-control-plane",
+        &[
+            "--config",
+            dir.path().join("config").to_str().expect("utf-8"),
+            "--data-dir",
+            dir.path().join("cp").to_str().expect("utf-8"),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--webhook",
+            "127.0.0.1:0",
+            "--webhook-dns",
+            "localhost",
+            "--proxy-image",
+            "registry.example/sidemesh-proxy:test",
+        ],
+        "ready",
+    );
+    let port = cp.listener("webhook").port();
+    let url = format!("https://localhost:{port}/mutate");
+    let ca = dir.path().join("cp/ca/ca.crt");
+    let body = std::fs::read_to_string(
+        workspace_root().join("tests/fixtures/k8s/admissionreview-pod.json"),
+    )
+    .expect("fixture");
+
+    let answer = post(&url, &ca, &body);
+    assert_eq!(answer["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(answer["kind"], "AdmissionReview");
+    let response = &answer["response"];
+    assert_eq!(response["uid"], "705ab4f5-6393-11e8-b7cc-42010a800002");
+    assert_eq!(response["allowed"], true);
+    assert_eq!(response["patchType"], "JSONPatch");
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(response["patch"].as_str().expect("patch"))
+        .expect("base64");
+    let patch: Vec<Value> = serde_json::from_slice(&patch).expect("JSON patch");
+
+    let review: Value = serde_json::from_str(&body).expect("json");
+    let mut pod = review["request"]["object"].clone();
+    apply(&mut pod, &patch);
+    let names: Vec<&str> = pod["spec"]["initContainers"]
+        .as_array()
+        .expect("init containers")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(names, ["sidemesh-init", "sidemesh-proxy"]);
+    assert_eq!(
+        pod["spec"]["initContainers"][1]["image"],
+        "registry.example/sidemesh-proxy:test"
+    );
+    assert_eq!(
+        pod["metadata"]["annotations"]["sidemesh.io/injected"],
+        "true"
+    );
+    assert!(
+        pod.to_string().contains("\"value\":\"user-service\""),
+        "the service comes from the app label"
+    );
+
+    // The patched pod is a valid Pod.
+    if Command::new("kubernetes-validate")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        skip("kubernetes-validate (pip install kubernetes-validate) is not installed");
+    } else {
+        pod["metadata"]["name"] = json!("user-service-5c8d7f9b6d-abcde");
+        let file = dir.path().join("pod.json");
+        std::fs::write(&file, pod.to_string()).expect("write");
+        let out = Command::new("kubernetes-validate")
+            .arg("--strict")
+            .arg(&file)
+            .output()
+            .expect("kubernetes-validate");
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    // A pod that opted out is allowed unchanged.
+    let mut opted: Value = serde_json::from_str(&body).expect("json");
+    opted["request"]["object"]["metadata"]["annotations"] =
+        json!({"sidemesh.io/inject": "disabled"});
+    let answer = post(&url, &ca, &opted.to_string());
+    assert_eq!(answer["response"]["allowed"], true);
+    assert!(answer["response"].get("patch").is_none(), "{answer}");
+
+    // Without the mesh CA, a client cannot verify the webhook (it is TLS, with our CA).
+    let out = Command::new("curl")
+        .args(["-sS", "--data-binary", "{}", &url])
+        .output()
+        .expect("curl");
+    assert!(
+        !out.status.success(),
+        "curl without the CA must fail verification"
+    );
+}
