@@ -54,3 +54,48 @@ fn deploy_manifests_validate_strictly() {
         );
     }
 }
+
+fn documents(path: &Path) -> Vec<serde_json::Value> {
+    use serde::Deserialize;
+    let text = std::fs::read_to_string(path).expect("read manifest");
+    serde_norway::Deserializer::from_str(&text)
+        .map(|d| serde_json::Value::deserialize(d).expect("YAML"))
+        .collect()
+}
+
+#[test]
+fn the_cluster_routing_config_is_valid_and_sends_spans_to_the_deployed_jaeger() {
+    let root = workspace_root().join("deploy");
+    let config_map = documents(&root.join("control-plane/mesh-config.yaml"));
+    let text = config_map[0]["data"]["mesh.yaml"]
+        .as_str()
+        .expect("mesh.yaml in the ConfigMap");
+    let mesh = sidemesh_config::parse_str("deploy/control-plane/mesh-config.yaml", text)
+        .unwrap_or_else(|e| panic!("the cluster's routing config is invalid:\n{e}"));
+    let endpoint = mesh
+        .settings
+        .tracing
+        .otlp_endpoint
+        .clone()
+        .expect("an OTLP endpoint");
+
+    // The endpoint is the Jaeger Service of deploy/jaeger, on its OTLP/gRPC port.
+    let jaeger = documents(&root.join("jaeger/jaeger.yaml"));
+    let service = jaeger
+        .iter()
+        .find(|d| d["kind"] == "Service")
+        .expect("a Jaeger Service");
+    let name = service["metadata"]["name"].as_str().expect("name");
+    let namespace = service["metadata"]["namespace"]
+        .as_str()
+        .expect("namespace");
+    let grpc_port = service["spec"]["ports"]
+        .as_array()
+        .and_then(|ports| ports.iter().find(|p| p["targetPort"] == "otlp-grpc"))
+        .and_then(|p| p["port"].as_u64())
+        .expect("an OTLP/gRPC port");
+    assert_eq!(
+        endpoint,
+        format!("http://{name}.{namespace}.svc.cluster.local:{grpc_port}")
+    );
+}
