@@ -160,6 +160,7 @@ pub fn inject_template(template: &mut Value, owner: &str, config: &InjectConfig)
         .get_mut("spec")
         .and_then(Value::as_object_mut)
         .expect("checked above: the template has a spec object");
+    let probes = rewrite_probes(spec);
     // Anything injected before goes first, so injecting again changes nothing.
     for list in ["initContainers", "containers"] {
         if let Some(Value::Array(containers)) = spec.get_mut(list) {
@@ -182,6 +183,14 @@ pub fn inject_template(template: &mut Value, owner: &str, config: &InjectConfig)
         skip_cidrs.as_deref(),
     );
     let mut proxy = proxy_container(config, &service, app_port, &cpu, &memory);
+    if !probes.is_empty() {
+        if let Some(env) = proxy["env"].as_array_mut() {
+            env.push(json!({
+                "name": "SIDEMESH_APP_PROBES",
+                "value": serde_json::to_string(&probes).unwrap_or_default(),
+            }));
+        }
+    }
     let init_containers = spec
         .entry("initContainers")
         .or_insert_with(|| Value::Array(Vec::new()));
@@ -227,6 +236,92 @@ pub fn inject_template(template: &mut Value, owner: &str, config: &InjectConfig)
         }
     }
     true
+}
+
+/// Points the application containers' HTTP probes at the proxy's admin port
+/// (`/app-health/<container>/<readyz|livez|startupz>`): in strict mTLS mode the kubelet's
+/// plaintext probe to the application's port would be refused. Returns what the proxy must
+/// ask the application for each path. Probes rewritten by an earlier injection keep the
+/// target recorded then.
+fn rewrite_probes(spec: &mut Map<String, Value>) -> std::collections::BTreeMap<String, Value> {
+    let mut earlier: Map<String, Value> = Map::new();
+    for list in ["initContainers", "containers"] {
+        for c in spec
+            .get(list)
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if c["name"] != PROXY_NAME {
+                continue;
+            }
+            let recorded = c["env"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|e| e["name"] == "SIDEMESH_APP_PROBES")
+                .and_then(|e| e["value"].as_str())
+                .and_then(|v| serde_json::from_str::<Map<String, Value>>(v).ok());
+            earlier.extend(recorded.unwrap_or_default());
+        }
+    }
+    let mut probes = std::collections::BTreeMap::new();
+    let Some(containers) = spec.get_mut("containers").and_then(Value::as_array_mut) else {
+        return probes;
+    };
+    for container in containers.iter_mut() {
+        let name = container["name"].as_str().unwrap_or_default().to_string();
+        if name == PROXY_NAME {
+            continue;
+        }
+        let ports = container["ports"].clone();
+        for (field, kind) in [
+            ("readinessProbe", "readyz"),
+            ("livenessProbe", "livez"),
+            ("startupProbe", "startupz"),
+        ] {
+            let Some(get) = container
+                .get_mut(field)
+                .and_then(|p| p.get_mut("httpGet"))
+                .and_then(Value::as_object_mut)
+            else {
+                continue;
+            };
+            if get.get("scheme").and_then(Value::as_str) == Some("HTTPS") {
+                continue; // the proxy only asks over plain HTTP
+            }
+            let key = format!("/app-health/{name}/{kind}");
+            if get.get("path").and_then(Value::as_str) == Some(key.as_str()) {
+                if let Some(target) = earlier.get(&key) {
+                    probes.insert(key, target.clone());
+                }
+                continue;
+            }
+            let port = match get.get("port") {
+                Some(Value::Number(n)) => n.as_u64(),
+                Some(Value::String(named)) => ports
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|p| p["name"] == named.as_str())
+                    .and_then(|p| p["containerPort"].as_u64()),
+                _ => None,
+            };
+            let Some(port) = port else {
+                continue;
+            };
+            let path = get
+                .get("path")
+                .and_then(Value::as_str)
+                .unwrap_or("/")
+                .to_string();
+            probes.insert(key.clone(), json!({"port": port, "path": path}));
+            get.insert("port".into(), json!(15020));
+            get.insert("path".into(), json!(key));
+            get.remove("host");
+        }
+    }
+    probes
 }
 
 fn init_container(

@@ -30,14 +30,62 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut drain: Drain) {
         };
         let (proxy, drain) = (proxy.clone(), drain.clone());
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let resp = answer(&proxy, &drain, &req);
-                async move { Ok::<_, Infallible>(resp) }
+            let service = service_fn(move |req: Request<Incoming>| {
+                // An application probe is answered by asking the application; the rest at once.
+                let probe = proxy.app_probes.get(req.uri().path()).cloned();
+                let resp = probe.is_none().then(|| answer(&proxy, &drain, &req));
+                async move {
+                    Ok::<_, Infallible>(match (resp, probe) {
+                        (Some(resp), _) => resp,
+                        (None, Some(probe)) => app_probe(&probe).await,
+                        (None, None) => text(StatusCode::NOT_FOUND, String::new()),
+                    })
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+/// The kubelet's HTTP probe of an application container, rewritten by `sidemesh inject` to
+/// come here: in strict mTLS mode a plaintext probe to the application's port would be refused
+/// by the inbound listener, so the proxy makes it on the kubelet's behalf, over loopback.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq, Eq)]
+pub struct AppProbe {
+    pub port: u16,
+    pub path: String,
+}
+
+async fn app_probe(probe: &AppProbe) -> Response<Body> {
+    let ask = async {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", probe.port)).await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(conn);
+        let req = Request::get(probe.path.as_str())
+            .header(header::HOST, format!("127.0.0.1:{}", probe.port))
+            .header(header::USER_AGENT, "sidemesh-probe")
+            .body(body::empty())
+            .map_err(std::io::Error::other)?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(std::io::Error::other)?;
+        Ok::<_, std::io::Error>(resp.status())
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(5), ask).await {
+        Ok(Ok(status)) => text(status, format!("application answered {status}\n")),
+        Ok(Err(e)) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("application probe on port {} failed: {e}\n", probe.port),
+        ),
+        Err(_) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("application probe on port {} timed out\n", probe.port),
+        ),
     }
 }
 

@@ -35,6 +35,8 @@ pub struct Proxy {
     pub identity: IdentityState,
     /// Spans, while the config names a collector.
     pub tracing: crate::trace::Tracing,
+    /// Application probes answered on the admin port (`/app-health/...`).
+    pub app_probes: crate::config::AppProbes,
     /// Listeners are up.
     pub ready: AtomicBool,
     /// A config (static file, pushed, or stored) is in force.
@@ -267,6 +269,7 @@ pub async fn build(args: Args) -> Result<App, StartError> {
         metrics,
         identity: IdentityState::new(identity_source),
         tracing: crate::trace::Tracing::new(workload, args.otlp_endpoint.clone(), span_counters),
+        app_probes: args.app_probes.clone(),
         ready: AtomicBool::new(false),
         config_applied: AtomicBool::new(applied),
     });

@@ -27,6 +27,7 @@ pub const ENV_JOIN_TOKEN_FILE: &str = "SIDEMESH_JOIN_TOKEN_FILE";
 pub const ENV_SERVICE_ACCOUNT_TOKEN_FILE: &str = "SIDEMESH_SERVICE_ACCOUNT_TOKEN_FILE";
 pub const ENV_SERVICE_ACCOUNT: &str = "SIDEMESH_SERVICE_ACCOUNT";
 pub const ENV_OTLP_ENDPOINT: &str = "SIDEMESH_OTLP_ENDPOINT";
+pub const ENV_APP_PROBES: &str = "SIDEMESH_APP_PROBES";
 
 /// How traffic reaches the proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -100,6 +101,11 @@ pub struct Args {
     /// (e.g. a collector on the same node). Sampling and protocol still come from the config.
     #[arg(long, env = ENV_OTLP_ENDPOINT)]
     pub otlp_endpoint: Option<String>,
+    /// Application HTTP probes served on the admin port, as JSON
+    /// `{"/app-health/<container>/readyz": {"port": 8080, "path": "/healthz"}}` (written by
+    /// `sidemesh inject`, which points the kubelet's probes there).
+    #[arg(long, env = ENV_APP_PROBES, value_parser = parse_app_probes, default_value = "{}")]
+    pub app_probes: AppProbes,
     /// Log format: json or text.
     #[arg(long, env = ENV_LOG_FORMAT, default_value = "json")]
     pub log_format: String,
@@ -173,6 +179,19 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| e.to_string())
 }
 
+/// Admin paths of application probes.
+pub type AppProbes = std::collections::HashMap<String, crate::admin::AppProbe>;
+
+fn parse_app_probes(s: &str) -> Result<AppProbes, String> {
+    let probes: AppProbes = serde_json::from_str(s).map_err(|e| {
+        format!("application probes must be JSON like {{\"/app-health/app/readyz\": {{\"port\": 8080, \"path\": \"/healthz\"}}}}: {e}")
+    })?;
+    match probes.keys().find(|k| !k.starts_with("/app-health/")) {
+        Some(bad) => Err(format!("probe path `{bad}` must start with /app-health/")),
+        None => Ok(probes),
+    }
+}
+
 fn parse_upstream(s: &str) -> Result<(String, SocketAddr), String> {
     let (service, addr) = s.split_once('=').ok_or_else(|| {
         format!(
@@ -235,6 +254,7 @@ impl Args {
             service_account_token_file: None,
             service_account: None,
             otlp_endpoint: None,
+            app_probes: AppProbes::new(),
             log_format: "json".into(),
             worker_threads: 1,
             limits: Limits::default(),

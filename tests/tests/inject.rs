@@ -121,6 +121,21 @@ fn manifests_are_injected_valid_and_idempotent() {
         "annotation override"
     );
     assert_eq!(proxy["readinessProbe"]["httpGet"]["port"], 15020);
+    // The app's HTTP probe goes through the proxy's admin port (strict mTLS would refuse the
+    // kubelet's plaintext probe on the app's port); the proxy is told where to forward it.
+    let app_probe = &deployment["containers"][0]["readinessProbe"]["httpGet"];
+    assert_eq!(app_probe["port"], 15020);
+    assert_eq!(app_probe["path"], "/app-health/order-service/readyz");
+    let probes_env = proxy["env"]
+        .as_array()
+        .and_then(|env| env.iter().find(|e| e["name"] == "SIDEMESH_APP_PROBES"))
+        .and_then(|e| e["value"].as_str())
+        .expect("SIDEMESH_APP_PROBES");
+    let probes: serde_json::Value = serde_json::from_str(probes_env).expect("JSON");
+    assert_eq!(
+        probes["/app-health/order-service/readyz"],
+        serde_json::json!({"port": 8082, "path": "/healthz"})
+    );
     let cronjob = &docs[3]["spec"]["jobTemplate"]["spec"]["template"]["spec"];
     assert_eq!(
         names(&cronjob["initContainers"]),

@@ -607,3 +607,47 @@ async fn permissive_mode_accepts_both_and_metrics_tell_them_apart() {
         "{m}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubelet_probes_reach_the_app_through_the_admin_port_in_strict_mode() {
+    let mesh = Mesh::start(&yaml(""), &[]);
+    let users = EchoServer::start("users").await;
+    let port = users.addr.port();
+    let probes = format!(
+        r#"{{"/app-health/users/readyz": {{"port": {port}, "path": "/status/200"}}, "/app-health/users/livez": {{"port": {port}, "path": "/status/503"}}}}"#
+    );
+    let user_proxy = mesh.proxy(
+        "user-service",
+        Some(users.addr),
+        &[],
+        &["--app-probes", &probes],
+    );
+    // The kubelet's plaintext probe to the app's port would be refused in strict mode...
+    let inbound = user_proxy.listener("inbound");
+    let direct = http(
+        Method::GET,
+        &format!("http://{inbound}/status/200"),
+        None,
+        &[],
+    )
+    .await
+    .expect("answer");
+    assert_eq!(direct.status, StatusCode::FORBIDDEN);
+    // ...so inject points it at the admin port, which asks the app over loopback.
+    let admin = user_proxy.listener("admin");
+    let get = |path: &'static str| {
+        let url = format!("http://{admin}{path}");
+        async move { http(Method::GET, &url, None, &[]).await.expect("probe") }
+    };
+    assert_eq!(get("/app-health/users/readyz").await.status, StatusCode::OK);
+    assert_eq!(
+        get("/app-health/users/livez").await.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the app's own answer is passed on"
+    );
+    assert_eq!(
+        get("/app-health/other/readyz").await.status,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(users.hits(), 2, "the two configured probes reached the app");
+}
