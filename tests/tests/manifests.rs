@@ -99,3 +99,62 @@ fn the_cluster_routing_config_is_valid_and_sends_spans_to_the_deployed_jaeger() 
         format!("http://{name}.{namespace}.svc.cluster.local:{grpc_port}")
     );
 }
+
+#[test]
+fn the_kustomize_base_renders_and_validates_strictly() {
+    let tools_missing = ["kubectl", "kubernetes-validate"]
+        .iter()
+        .find(|tool| Command::new(tool).arg("--help").output().is_err());
+    if let Some(tool) = tools_missing {
+        skip(&format!(
+            "`{tool}` is not installed (kubernetes-client from Debian, kubernetes-validate from PyPI)"
+        ));
+        return;
+    }
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(workspace_root().join("deploy"))
+        .output()
+        .expect("kubectl kustomize");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize deploy/ failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered = String::from_utf8(out.stdout).expect("utf-8");
+    let kinds: Vec<&str> = rendered
+        .lines()
+        .filter_map(|l| l.strip_prefix("kind: "))
+        .collect();
+    for kind in [
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ConfigMap",
+        "Deployment",
+        "Service",
+        "MutatingWebhookConfiguration",
+    ] {
+        assert!(kinds.contains(&kind), "no {kind} in the render: {kinds:?}");
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("rendered.yaml");
+    std::fs::write(&file, &rendered).expect("write");
+    let out = Command::new("kubernetes-validate")
+        .arg("--strict")
+        .arg(&file)
+        .output()
+        .expect("kubernetes-validate");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert_eq!(
+        text.matches(" passed for resource ").count(),
+        kinds.len(),
+        "every rendered resource validated:\n{text}"
+    );
+}
