@@ -66,9 +66,14 @@ impl Rotel {
 
     /// Starts the collector on free loopback ports, or returns `None` when rotel is not installed.
     pub fn start() -> Option<Rotel> {
+        Self::start_on(std::net::IpAddr::from([127, 0, 0, 1]))
+    }
+
+    /// Like `start`, listening on `ip` (e.g. an address network namespaces can reach).
+    pub fn start_on(ip: std::net::IpAddr) -> Option<Rotel> {
         let agent = Self::agent_path()?;
-        let grpc = free_port();
-        let http = free_port();
+        let grpc = free_port(ip);
+        let http = free_port(ip);
         let mut child = Command::new(agent)
             .args([
                 "start",
@@ -149,8 +154,8 @@ impl Drop for Rotel {
     }
 }
 
-fn free_port() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+fn free_port(ip: std::net::IpAddr) -> SocketAddr {
+    let l = TcpListener::bind((ip, 0)).expect("bind a free port");
     l.local_addr().expect("local addr")
 }
 

@@ -2,83 +2,21 @@
 //! proxy, which reads the original destination (SO_ORIGINAL_DST). Runs in a network namespace
 //! of its own; needs root (CI runs as root) and skips with a printed reason otherwise.
 
+use sidemesh_tests::netns::{Netns, cannot_run, run};
 use sidemesh_tests::{Proc, bin, skip};
-use std::process::Command;
 
 const PROXY_UID: &str = "2102";
 const ADDR: &str = "10.99.0.1";
 
-/// A network namespace removed on drop.
-struct Netns(String);
-
-impl Netns {
-    fn create() -> Netns {
-        let name = format!("sm-transparent-{}", std::process::id());
-        run(&["ip", "netns", "add", &name]);
-        let ns = Netns(name);
-        ns.exec(&["ip", "link", "set", "lo", "up"]);
-        // A non-loopback address for the services (on `lo`: no dummy or veth device needed).
-        ns.exec(&["ip", "addr", "add", &format!("{ADDR}/32"), "dev", "lo"]);
-        ns
-    }
-
-    fn exec(&self, cmd: &[&str]) -> String {
-        let mut full = vec!["ip", "netns", "exec", &self.0];
-        full.extend_from_slice(cmd);
-        run(&full)
-    }
-
-    fn wrapper(&self) -> Vec<&str> {
-        vec!["ip", "netns", "exec", &self.0]
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "delete", &self.0])
-            .status();
-    }
-}
-
-fn run(cmd: &[&str]) -> String {
-    let out = Command::new(cmd[0])
-        .args(&cmd[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn can_run() -> Result<(), String> {
-    let uid = run(&["id", "-u"]);
-    if uid.trim() != "0" {
-        return Err("needs root for network namespaces and iptables".into());
-    }
-    for tool in ["ip", "iptables", "setpriv", "curl"] {
-        if Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .output()
-            .map(|o| !o.status.success())
-            .unwrap_or(true)
-        {
-            return Err(format!("`{tool}` is not installed"));
-        }
-    }
-    Ok(())
-}
-
 #[test]
 fn redirected_connections_are_routed_or_passed_through_to_their_original_destination() {
-    if let Err(why) = can_run() {
+    if let Some(why) = cannot_run(&["ip", "iptables", "setpriv", "curl"]) {
         skip(&format!("transparent interception test: {why}"));
         return;
     }
-    let ns = Netns::create();
+    let ns = Netns::create(&format!("sm-transparent-{}", std::process::id()));
+    // A non-loopback address for the services (on `lo`: no dummy or veth device needed).
+    ns.exec(&["ip", "addr", "add", &format!("{ADDR}/32"), "dev", "lo"]);
     let mut netns = ns.wrapper();
 
     // Two real servers in the namespace: the mesh's user-service, and a server the mesh does
