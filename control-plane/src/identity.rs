@@ -103,8 +103,8 @@ impl IdentityService {
     }
 
     #[cfg(feature = "kubernetes")]
-    pub fn with_reviewer(mut self, reviewer: Option<crate::tokenreview::Reviewer>) -> Self {
-        self.reviewer = reviewer.map(Arc::new);
+    pub fn with_reviewer(mut self, reviewer: Option<Arc<crate::tokenreview::Reviewer>>) -> Self {
+        self.reviewer = reviewer;
         self
     }
 

@@ -15,6 +15,7 @@
 //! - `admin`, `metrics`: `/status`, `/metrics`, `/debug/config`.
 //! - `up`: `sidemesh up`, the demo on one machine.
 //! - `summary`: one-line descriptions of a validated mesh for operators.
+//! - `endpointslices`: service discovery from Kubernetes EndpointSlices (`kubernetes` feature).
 //! - `tokenreview`: Kubernetes service-account tokens, checked by the API server (`kubernetes` feature).
 
 #![forbid(unsafe_code)]
@@ -23,6 +24,8 @@ pub mod admin;
 pub mod ca;
 pub mod cli;
 pub mod discovery;
+#[cfg(feature = "kubernetes")]
+pub mod endpointslices;
 pub mod hub;
 pub mod identity;
 pub mod inject;

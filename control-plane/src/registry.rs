@@ -62,6 +62,8 @@ struct State {
     /// (revision, first seen) of a config change whose push has not converged yet.
     converging: Option<(u64, Instant)>,
     last_convergence: Option<(u64, Duration)>,
+    /// Endpoints from Kubernetes EndpointSlices, once discovery runs.
+    discovered: Option<HashMap<ServiceId, Vec<SocketAddr>>>,
 }
 
 #[derive(Debug)]
@@ -260,9 +262,46 @@ impl Registry {
             .count()
     }
 
-    /// Ready endpoints by service (connected, or disconnected within the grace period).
+    /// Endpoints from Kubernetes EndpointSlices: from now on they, not the registrations,
+    /// say which addresses serve a service (a registration only lends its identity).
+    pub fn set_discovered(&self, discovered: HashMap<ServiceId, Vec<SocketAddr>>) {
+        let changed = {
+            let mut state = self.lock();
+            let changed = state.discovered.as_ref() != Some(&discovered);
+            state.discovered = Some(discovered);
+            changed
+        };
+        if changed {
+            self.endpoints_changed();
+        }
+    }
+
+    /// Ready endpoints by service (connected, or disconnected within the grace period), or
+    /// the discovered ones with the identity of the proxy registered at each address.
     pub fn endpoints(&self) -> HashMap<ServiceId, Vec<(SocketAddr, String)>> {
         let state = self.lock();
+        if let Some(discovered) = &state.discovered {
+            let identities: HashMap<SocketAddr, &str> = state
+                .proxies
+                .values()
+                .filter_map(|e| Some((e.info.address?, e.info.identity.as_str())))
+                .collect();
+            return discovered
+                .iter()
+                .map(|(id, addrs)| {
+                    let eps = addrs
+                        .iter()
+                        .map(|a| {
+                            (
+                                *a,
+                                identities.get(a).copied().unwrap_or_default().to_string(),
+                            )
+                        })
+                        .collect();
+                    (id.clone(), eps)
+                })
+                .collect();
+        }
         let mut out: HashMap<ServiceId, Vec<(SocketAddr, String)>> = HashMap::new();
         for e in state.proxies.values() {
             if let (true, Some(addr)) = (e.info.ready, e.info.address) {

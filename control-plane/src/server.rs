@@ -104,6 +104,9 @@ pub struct Args {
     /// The API server's CA bundle, for https (default: the pod's).
     #[arg(long)]
     pub kubernetes_ca_file: Option<PathBuf>,
+    /// How often EndpointSlices are listed (with a Kubernetes API).
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub discovery_interval: Duration,
     /// The audience proxies' tokens must be issued for.
     #[arg(long, default_value = "sidemesh")]
     pub token_audience: String,
@@ -262,7 +265,7 @@ pub struct ControlPlane {
     join_token: JoinToken,
     webhook: Option<Webhook>,
     #[cfg(feature = "kubernetes")]
-    reviewer: Option<crate::tokenreview::Reviewer>,
+    reviewer: Option<Arc<crate::tokenreview::Reviewer>>,
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     grpc: TcpListener,
@@ -298,7 +301,7 @@ pub async fn build(args: Args) -> Result<ControlPlane, StartError> {
         join_token,
         webhook,
         #[cfg(feature = "kubernetes")]
-        reviewer,
+        reviewer: reviewer.map(Arc::new),
         grpc,
         admin,
         args,
@@ -349,6 +352,16 @@ impl ControlPlane {
             Some(self.join_token.0.clone()),
             self.hub.clone(),
         );
+        #[cfg(feature = "kubernetes")]
+        if let Some(client) = &self.reviewer {
+            // On Kubernetes, EndpointSlices say which pods serve a service.
+            tokio::spawn(crate::endpointslices::run(
+                client.clone(),
+                self.hub.clone(),
+                self.args.discovery_interval,
+                stop.clone(),
+            ));
+        }
         #[cfg(feature = "kubernetes")]
         let identity = identity.with_reviewer(self.reviewer);
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(self.grpc);

@@ -202,7 +202,39 @@ impl Reviewer {
             .ok_or_else(|| ReviewError::Rejected(format!("`{username}` is not a service account")))
     }
 
+    /// `GET path` with the control plane's own token (e.g. a list of EndpointSlices).
+    pub async fn get(&self, path: &str) -> Result<Bytes, ReviewError> {
+        let own = std::fs::read_to_string(&self.token_file).map_err(|e| {
+            ReviewError::Setup(format!(
+                "cannot read the control plane's token {}: {e}",
+                self.token_file.display()
+            ))
+        })?;
+        tokio::time::timeout(
+            TIMEOUT,
+            self.request(http::Method::GET, path, own.trim(), None),
+        )
+        .await
+        .map_err(|_| ReviewError::Api(format!("no answer within {TIMEOUT:?}")))?
+    }
+
     async fn post(&self, bearer: &str, body: String) -> Result<Bytes, ReviewError> {
+        self.request(
+            http::Method::POST,
+            "/apis/authentication.k8s.io/v1/tokenreviews",
+            bearer,
+            Some(body),
+        )
+        .await
+    }
+
+    async fn request(
+        &self,
+        method: http::Method,
+        path: &str,
+        bearer: &str,
+        body: Option<String>,
+    ) -> Result<Bytes, ReviewError> {
         let api = |e: &dyn std::fmt::Display| ReviewError::Api(e.to_string());
         let host = self
             .api
@@ -217,7 +249,9 @@ impl Reviewer {
             .await
             .map_err(|e| api(&e))?;
         let _ = tcp.set_nodelay(true);
-        let req = Request::post("/apis/authentication.k8s.io/v1/tokenreviews")
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
             .header(
                 header::HOST,
                 self.api.authority().map_or(host, |a| a.as_str()),
@@ -225,7 +259,7 @@ impl Reviewer {
             .header(header::AUTHORIZATION, format!("Bearer {bearer}"))
             .header(header::CONTENT_TYPE, "application/json")
             .header(header::ACCEPT, "application/json")
-            .body(Full::new(Bytes::from(body)))
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
             .map_err(|e| api(&e))?;
         let resp = match &self.tls {
             Some(tls) => {

@@ -124,6 +124,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         kubernetes_token_file: None,
         kubernetes_ca_file: None,
         token_audience: "sidemesh".into(),
+        discovery_interval: Duration::from_secs(5),
         log_format: "text".into(),
     })
     .await?;

@@ -21,6 +21,10 @@ const CP_TOKEN: &str = "control-plane-own-token";
 const ORDER_TOKEN: &str = "projected-token-of-order-service";
 const AUTHENTICATED: &str = include_str!("../fixtures/tokenreview-authenticated.json");
 const EXPIRED: &str = include_str!("../fixtures/tokenreview-expired.json");
+const SLICES: &str = include_str!("../fixtures/k8s/endpointslices.json");
+
+/// What `GET .../endpointslices` answers (swapped by a test to change the endpoints).
+static SLICES_NOW: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
 
 /// What the fake API server was asked: (authorization header, request body).
 type Seen = Arc<Mutex<Vec<(String, serde_json::Value)>>>;
@@ -50,6 +54,28 @@ async fn api_server() -> (SocketAddr, Seen) {
 /// Like the API server: 401 without the caller's own valid token, then the recorded review for
 /// the token in question.
 async fn answer(req: Request<Incoming>, seen: &Seen) -> Response<Full<Bytes>> {
+    if req.method() == Method::GET && req.uri().path() == "/apis/discovery.k8s.io/v1/endpointslices"
+    {
+        let authorized = req
+            .headers()
+            .get("authorization")
+            .is_some_and(|v| v.as_bytes() == format!("Bearer {CP_TOKEN}").as_bytes());
+        let body = SLICES_NOW
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| SLICES.to_string());
+        let status = if authorized {
+            StatusCode::OK
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        return Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .expect("response");
+    }
     let path_ok = req.method() == Method::POST
         && req.uri().path() == "/apis/authentication.k8s.io/v1/tokenreviews";
     let auth = req
@@ -231,4 +257,93 @@ async fn service_account_tokens_are_checked_with_the_tokenreview_api() {
             && !metrics.contains("sidemesh_cp_certificates_refused_total 0"),
         "{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn endpoints_come_from_endpointslices() {
+    let (api, _) = api_server().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("config")).expect("mkdir");
+    write(
+        &dir.path().join("config"),
+        "mesh.yaml",
+        "apiVersion: sidemesh.io/v1\nkind: Mesh\nservices:\n  - name: order-service\n    namespace: demo\n    ports: [{port: 8082}]\n  - name: user-service\n    namespace: demo\n    ports: [{port: 8081}]\n",
+    );
+    let cp_token = write(dir.path(), "cp-token", CP_TOKEN);
+    let cp = Proc::start_until(
+        "sidemesh-control-plane",
+        &[
+            "--config",
+            dir.path().join("config").to_str().expect("utf-8"),
+            "--data-dir",
+            dir.path().join("cp").to_str().expect("utf-8"),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--kubernetes-api",
+            &format!("http://{api}"),
+            "--kubernetes-token-file",
+            &cp_token,
+            "--discovery-interval",
+            "200ms",
+        ],
+        "ready",
+    );
+    let app = EchoServer::start("orders").await;
+    let token = write(dir.path(), "order-token", ORDER_TOKEN);
+    let order = Proc::start_until(
+        "sidemesh-proxy",
+        &[
+            "--control-plane",
+            &format!("http://{}", cp.listener("grpc")),
+            "--service",
+            "order-service.demo",
+            "--service-account-token-file",
+            &token,
+            "--app",
+            &app.addr.to_string(),
+            "--upstream",
+            "user-service=127.0.0.1:0",
+            "--inbound",
+            "127.0.0.1:0",
+            "--outbound",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ],
+        "ready",
+    );
+    let admin = order.listener("admin");
+    let endpoints = |want: &'static [&'static str]| {
+        let url = format!("http://{admin}/config_dump");
+        async move {
+            eventually(
+                &format!("user-service's endpoints are {want:?}"),
+                Duration::from_secs(10),
+                || async {
+                    let dump = http(Method::GET, &url, None, &[]).await.ok()?.json();
+                    let services = dump["config"]["mesh"]["services"].as_array()?.clone();
+                    let users = services.iter().find(|s| s["id"] == "user-service.demo")?;
+                    let found: Vec<String> = users["endpoints"]
+                        .as_array()?
+                        .iter()
+                        .filter_map(|e| e.as_str().map(String::from))
+                        .collect();
+                    (found == want).then_some(())
+                },
+            )
+            .await;
+        }
+    };
+    // Ready pods only: the terminating one is left out.
+    endpoints(&["10.244.1.7:8081", "10.244.2.9:8081"]).await;
+    // A pod goes away: the next listing pushes the change.
+    let fewer = SLICES.replace(
+        r#"{"addresses": ["10.244.2.9"], "conditions": {"ready": true"#,
+        r#"{"addresses": ["10.244.2.9"], "conditions": {"ready": false"#,
+    );
+    assert_ne!(fewer, SLICES, "the fixture changed");
+    *SLICES_NOW.lock().unwrap_or_else(|p| p.into_inner()) = Some(fewer);
+    endpoints(&["10.244.1.7:8081"]).await;
 }
