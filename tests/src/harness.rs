@@ -293,3 +293,27 @@ where
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// Runs `kubernetes-validate --strict` on `files`: `Some((passed, output))`, or `None` (after
+/// printing why, or failing under `SIDEMESH_NO_SKIP=1`) when the tool is not installed.
+pub fn kubernetes_validate(files: &[&Path]) -> Option<(bool, String)> {
+    if Command::new("kubernetes-validate")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        skip("kubernetes-validate (pip install kubernetes-validate) is not installed");
+        return None;
+    }
+    let out = Command::new("kubernetes-validate")
+        .arg("--strict")
+        .args(files)
+        .output()
+        .expect("run kubernetes-validate");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some((out.status.success(), text))
+}

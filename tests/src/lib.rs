@@ -21,6 +21,8 @@ mod proxy;
 mod rotel;
 pub mod servers;
 
-pub use harness::{Proc, Response, bin, eventually, http, skip, workspace_root};
+pub use harness::{
+    Proc, Response, bin, eventually, http, kubernetes_validate, skip, workspace_root,
+};
 pub use proxy::TestProxy;
 pub use rotel::{Rotel, SeenSpan};

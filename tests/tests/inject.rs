@@ -5,7 +5,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use sidemesh_tests::{bin, skip, workspace_root};
+use sidemesh_tests::{bin, kubernetes_validate, workspace_root};
 
 fn fixture() -> std::path::PathBuf {
     workspace_root().join("tests/fixtures/k8s/demo-app.yaml")
@@ -36,28 +36,13 @@ fn inject(args: &[&str], stdin: Option<&str>) -> String {
 }
 
 fn validate_strictly(yaml: &str) {
-    if Command::new("kubernetes-validate")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        skip("kubernetes-validate (pip install kubernetes-validate) is not installed");
-        return;
-    }
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("injected.yaml");
     std::fs::write(&path, yaml).expect("write");
-    let out = Command::new("kubernetes-validate")
-        .arg("--strict")
-        .arg(&path)
-        .output()
-        .expect("kubernetes-validate");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}\n---\n{yaml}");
+    let Some((passed, text)) = kubernetes_validate(&[&path]) else {
+        return;
+    };
+    assert!(passed, "{text}\n---\n{yaml}");
     // One line per resource: the List's items are validated one by one.
     for resource in [
         "service/order-service",

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use sidemesh_tests::{skip, workspace_root};
+use sidemesh_tests::{kubernetes_validate, skip, workspace_root};
 
 fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -24,28 +24,14 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 #[test]
 fn deploy_manifests_validate_strictly() {
-    if Command::new("kubernetes-validate")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        skip("kubernetes-validate (pip install kubernetes-validate) is not installed");
-        return;
-    }
     let mut files = Vec::new();
     yaml_files(&workspace_root().join("deploy"), &mut files);
     assert!(!files.is_empty(), "no manifests under deploy/");
-    let out = Command::new("kubernetes-validate")
-        .arg("--strict")
-        .args(&files)
-        .output()
-        .expect("run kubernetes-validate");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
+    let paths: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
+    let Some((passed, text)) = kubernetes_validate(&paths) else {
+        return;
+    };
+    assert!(passed, "{text}");
     for file in &files {
         assert!(
             text.contains(&format!("{} passed", file.display())),
@@ -102,13 +88,8 @@ fn the_cluster_routing_config_is_valid_and_sends_spans_to_the_deployed_jaeger() 
 
 #[test]
 fn the_kustomize_base_renders_and_validates_strictly() {
-    let tools_missing = ["kubectl", "kubernetes-validate"]
-        .iter()
-        .find(|tool| Command::new(tool).arg("--help").output().is_err());
-    if let Some(tool) = tools_missing {
-        skip(&format!(
-            "`{tool}` is not installed (kubernetes-client from Debian, kubernetes-validate from PyPI)"
-        ));
+    if Command::new("kubectl").arg("--help").output().is_err() {
+        skip("`kubectl` is not installed (kubernetes-client from Debian)");
         return;
     }
     let out = Command::new("kubectl")
@@ -141,17 +122,10 @@ fn the_kustomize_base_renders_and_validates_strictly() {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("rendered.yaml");
     std::fs::write(&file, &rendered).expect("write");
-    let out = Command::new("kubernetes-validate")
-        .arg("--strict")
-        .arg(&file)
-        .output()
-        .expect("kubernetes-validate");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
+    let Some((passed, text)) = kubernetes_validate(&[&file]) else {
+        return;
+    };
+    assert!(passed, "{text}");
     assert_eq!(
         text.matches(" passed for resource ").count(),
         kinds.len(),

@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use sidemesh_tests::mesh::Mesh;
 use sidemesh_tests::servers::EchoServer;
 use sidemesh_tests::{Proc, eventually, http};
 use tokio::net::TcpListener;
@@ -149,37 +150,25 @@ const WAITING: &str = "waiting for a workload certificate from the control plane
 #[tokio::test(flavor = "multi_thread")]
 async fn service_account_tokens_are_checked_with_the_tokenreview_api() {
     let (api, seen) = api_server().await;
+    // Files the test hands to processes (tokens); the control plane's own are in `mesh`.
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir_all(dir.path().join("config")).expect("mkdir");
-    write(
-        &dir.path().join("config"),
-        "mesh.yaml",
-        "apiVersion: sidemesh.io/v1\nkind: Mesh\nservices:\n  - name: order-service\n    namespace: demo\n    ports: [{port: 8082}]\n",
-    );
     let cp_token = write(dir.path(), "cp-token", CP_TOKEN);
-    let cp = Proc::start_until(
-        "sidemesh-control-plane",
+    let api_url = format!("http://{api}");
+    let mesh = Mesh::start(
+        "apiVersion: sidemesh.io/v1\nkind: Mesh\nservices:\n  - name: order-service\n    namespace: demo\n    ports: [{port: 8082}]\n",
         &[
-            "--config",
-            dir.path().join("config").to_str().expect("utf-8"),
-            "--data-dir",
-            dir.path().join("cp").to_str().expect("utf-8"),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
             "--kubernetes-api",
-            &format!("http://{api}"),
+            &api_url,
             "--kubernetes-token-file",
             &cp_token,
         ],
-        "ready",
     );
+    let cp = &mesh.cp;
     let app = EchoServer::start("orders").await;
 
     // The token the API server vouches for, asking for its own service account: certified.
     let good = write(dir.path(), "order-token", ORDER_TOKEN);
-    let order = proxy(&cp, "order-service", &good, app.addr, "ready");
+    let order = proxy(cp, "order-service", &good, app.addr, "ready");
     let admin = order.listener("admin");
     let dump = eventually(
         "order-service's proxy certified",
@@ -214,10 +203,10 @@ async fn service_account_tokens_are_checked_with_the_tokenreview_api() {
     assert_eq!(body["spec"]["audiences"][0], "sidemesh");
 
     // The same token cannot buy another service account's identity.
-    let thief = proxy(&cp, "user-service", &good, app.addr, WAITING);
+    let thief = proxy(cp, "user-service", &good, app.addr, WAITING);
     // An expired token is refused with the API server's reason.
     let expired = write(dir.path(), "expired-token", "an-expired-token");
-    let stale = proxy(&cp, "order-service", &expired, app.addr, WAITING);
+    let stale = proxy(cp, "order-service", &expired, app.addr, WAITING);
     eventually(
         "both refusals logged by the proxies",
         Duration::from_secs(10),
@@ -262,34 +251,22 @@ async fn service_account_tokens_are_checked_with_the_tokenreview_api() {
 #[tokio::test(flavor = "multi_thread")]
 async fn endpoints_come_from_endpointslices() {
     let (api, _) = api_server().await;
+    // Files the test hands to processes (tokens); the control plane's own are in `mesh`.
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir_all(dir.path().join("config")).expect("mkdir");
-    write(
-        &dir.path().join("config"),
-        "mesh.yaml",
-        "apiVersion: sidemesh.io/v1\nkind: Mesh\nservices:\n  - name: order-service\n    namespace: demo\n    ports: [{port: 8082}]\n  - name: user-service\n    namespace: demo\n    ports: [{port: 8081}]\n",
-    );
     let cp_token = write(dir.path(), "cp-token", CP_TOKEN);
-    let cp = Proc::start_until(
-        "sidemesh-control-plane",
+    let api_url = format!("http://{api}");
+    let mesh = Mesh::start(
+        "apiVersion: sidemesh.io/v1\nkind: Mesh\nservices:\n  - name: order-service\n    namespace: demo\n    ports: [{port: 8082}]\n  - name: user-service\n    namespace: demo\n    ports: [{port: 8081}]\n",
         &[
-            "--config",
-            dir.path().join("config").to_str().expect("utf-8"),
-            "--data-dir",
-            dir.path().join("cp").to_str().expect("utf-8"),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
             "--kubernetes-api",
-            &format!("http://{api}"),
+            &api_url,
             "--kubernetes-token-file",
             &cp_token,
             "--discovery-interval",
             "200ms",
         ],
-        "ready",
     );
+    let cp = &mesh.cp;
     let app = EchoServer::start("orders").await;
     let token = write(dir.path(), "order-token", ORDER_TOKEN);
     let order = Proc::start_until(

@@ -7,7 +7,8 @@ use std::process::Command;
 
 use base64::Engine as _;
 use serde_json::{Value, json};
-use sidemesh_tests::{Proc, skip, workspace_root};
+use sidemesh_tests::mesh::Mesh;
+use sidemesh_tests::{kubernetes_validate, workspace_root};
 
 fn post(url: &str, ca: &std::path::Path, body: &str) -> Value {
     let out = Command::new("curl")
@@ -48,24 +49,9 @@ fn apply(pod: &mut Value, patch: &[Value]) {
 
 #[test]
 fn the_webhook_patches_pods_over_tls() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::create_dir_all(dir.path().join("config")).expect("mkdir");
-    std::fs::write(
-        dir.path().join("config/mesh.yaml"),
+    let mesh = Mesh::start(
         "apiVersion: sidemesh.io/v1\nkind: Mesh\n",
-    )
-    .expect("yaml");
-    let cp = Proc::start_until(
-        "sidemesh-control-plane",
         &[
-            "--config",
-            dir.path().join("config").to_str().expect("utf-8"),
-            "--data-dir",
-            dir.path().join("cp").to_str().expect("utf-8"),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
             "--webhook",
             "127.0.0.1:0",
             "--webhook-dns",
@@ -73,11 +59,11 @@ fn the_webhook_patches_pods_over_tls() {
             "--proxy-image",
             "registry.example/sidemesh-proxy:test",
         ],
-        "ready",
     );
+    let cp = &mesh.cp;
     let port = cp.listener("webhook").port();
     let url = format!("https://localhost:{port}/mutate");
-    let ca = dir.path().join("cp/ca/ca.crt");
+    let ca = mesh.path("cp/ca/ca.crt");
     let body = std::fs::read_to_string(
         workspace_root().join("tests/fixtures/k8s/admissionreview-pod.json"),
     )
@@ -119,27 +105,11 @@ fn the_webhook_patches_pods_over_tls() {
     );
 
     // The patched pod is a valid Pod.
-    if Command::new("kubernetes-validate")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        skip("kubernetes-validate (pip install kubernetes-validate) is not installed");
-    } else {
-        pod["metadata"]["name"] = json!("user-service-5c8d7f9b6d-abcde");
-        let file = dir.path().join("pod.json");
-        std::fs::write(&file, pod.to_string()).expect("write");
-        let out = Command::new("kubernetes-validate")
-            .arg("--strict")
-            .arg(&file)
-            .output()
-            .expect("kubernetes-validate");
-        assert!(
-            out.status.success(),
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+    pod["metadata"]["name"] = json!("user-service-5c8d7f9b6d-abcde");
+    let file = mesh.path("pod.json");
+    std::fs::write(&file, pod.to_string()).expect("write");
+    if let Some((passed, text)) = kubernetes_validate(&[&file]) {
+        assert!(passed, "{text}");
     }
 
     // A pod that opted out is allowed unchanged.
@@ -155,8 +125,10 @@ fn the_webhook_patches_pods_over_tls() {
         .args(["-sS", "--data-binary", "{}", &url])
         .output()
         .expect("curl");
-    assert!(
-        !out.status.success(),
-        "curl without the CA must fail verification"
+    assert_eq!(
+        out.status.code(),
+        Some(60),
+        "curl without the CA must fail certificate verification (exit 60): {}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
