@@ -53,6 +53,9 @@ pub struct ProxyRow {
     pub service: String,
     pub namespace: String,
     pub address: Option<String>,
+    /// Admin server (`/metrics`) of the proxy.
+    #[serde(default)]
+    pub admin: Option<String>,
     pub ready: bool,
     pub connected: bool,
     pub connected_for_secs: u64,
@@ -74,6 +77,7 @@ impl From<ProxyStatus> for ProxyRow {
             service: p.info.service,
             namespace: p.info.namespace,
             address: p.info.address.map(|a| a.to_string()),
+            admin: p.info.admin.map(|a| a.to_string()),
             ready: p.info.ready,
             connected: p.connected,
             connected_for_secs: p.connected_for_secs,

@@ -35,6 +35,25 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Live traffic per service (requests per second, success rate, latency, retries, rate
+    /// limits, denials, mTLS), read from every proxy's metrics through the control plane.
+    Stat {
+        /// The control plane's admin address.
+        #[arg(
+            long,
+            env = "SIDEMESH_CONTROL_PLANE_ADMIN",
+            default_value = "http://127.0.0.1:15014"
+        )]
+        control_plane: String,
+        /// How long to measure (and, with --watch, how often to redraw).
+        #[arg(long, default_value = "2s", value_parser = sidemesh_demo::server::parse_duration)]
+        window: std::time::Duration,
+        /// Keep redrawing the table until Ctrl-C.
+        #[arg(long, short)]
+        watch: bool,
+    },
+    /// Print the spans `sidemesh up` kept (when it runs without --otlp) as trace trees.
+    Traces(crate::traces::TracesArgs),
     /// Run the whole demo mesh on this machine (no Kubernetes, no containers).
     Up(crate::up::UpArgs),
     /// Add the Sidemesh proxy to every pod template of Kubernetes manifests, printed to stdout:
@@ -91,6 +110,27 @@ pub fn run(cli: Cli) -> ExitCode {
                 }
             }
         }
+        Command::Stat {
+            control_plane,
+            window,
+            watch,
+        } => match tokio::runtime::Runtime::new()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(crate::stat::run(&control_plane, window, watch)))
+        {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Traces(args) => match crate::traces::print(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(2)
+            }
+        },
         Command::Up(args) => match tokio::runtime::Runtime::new()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(crate::up::run(args)))

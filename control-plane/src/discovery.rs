@@ -50,6 +50,8 @@ fn info(hello: &v1::Hello) -> Result<ProxyInfo, Status> {
             ))
         })?)
     };
+    // An unreadable admin address only costs `sidemesh stat` this proxy: not worth a refusal.
+    let admin = hello.admin_address.parse::<SocketAddr>().ok();
     let (service, namespace) = match hello.service.split_once('.') {
         Some((s, ns)) => (s.to_string(), ns.to_string()),
         None => (
@@ -66,6 +68,7 @@ fn info(hello: &v1::Hello) -> Result<ProxyInfo, Status> {
         service,
         namespace,
         address,
+        admin,
         identity: hello.identity.clone(),
         ready: hello.ready,
         upstreams: hello.upstreams.clone(),

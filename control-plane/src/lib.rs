@@ -12,8 +12,10 @@
 //! - `inject`: `sidemesh inject`, the proxy added to pod templates (also the webhook's patch).
 //! - `webhook`: the mutating admission webhook (AdmissionReview v1, JSONPatch, TLS).
 //! - `status`: `sidemesh status`.
+//! - `stat`: `sidemesh stat`, live per-service traffic from the proxies' metrics.
 //! - `admin`, `metrics`: `/status`, `/metrics`, `/debug/config`.
 //! - `up`: `sidemesh up`, the demo on one machine.
+//! - `traces`: the span file `sidemesh up` keeps without a collector, and `sidemesh traces`.
 //! - `summary`: one-line descriptions of a validated mesh for operators.
 //! - `endpointslices`: service discovery from Kubernetes EndpointSlices (`kubernetes` feature).
 //! - `tokenreview`: Kubernetes service-account tokens, checked by the API server (`kubernetes` feature).
@@ -32,11 +34,13 @@ pub mod inject;
 pub mod metrics;
 pub mod registry;
 pub mod server;
+pub mod stat;
 pub mod status;
 pub mod store;
 pub mod summary;
 #[cfg(feature = "kubernetes")]
 pub mod tokenreview;
+pub mod traces;
 pub mod up;
 pub mod view;
 pub mod webhook;

@@ -18,6 +18,8 @@ pub struct ProxyInfo {
     pub service: String,
     pub namespace: String,
     pub address: Option<SocketAddr>,
+    /// The proxy's admin server (`/metrics`), when it said.
+    pub admin: Option<SocketAddr>,
     pub identity: String,
     pub ready: bool,
     pub upstreams: Vec<String>,

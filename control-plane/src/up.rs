@@ -42,9 +42,41 @@ pub struct UpArgs {
     /// Stop after this long (e.g. `30s`); runs until Ctrl-C when absent.
     #[arg(long, value_parser = server::parse_duration)]
     pub duration: Option<Duration>,
-    /// OTLP/gRPC collector for spans, e.g. Jaeger at `http://127.0.0.1:4317`.
+    /// OTLP/gRPC collector for spans, e.g. Jaeger at `http://127.0.0.1:4317`; without it, spans
+    /// are kept in `<state-dir>/traces.jsonl` for `sidemesh traces`.
     #[arg(long)]
     pub otlp: Option<String>,
+    /// The control plane's admin address (what `sidemesh status` and `sidemesh stat` read).
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    pub control_plane_admin: SocketAddr,
+    /// Where the editable copy of the demo config and the span file are kept.
+    #[arg(long, default_value = ".sidemesh/up")]
+    pub state_dir: PathBuf,
+    /// How often the traffic table is redrawn.
+    #[arg(long, default_value = "2s", value_parser = server::parse_duration)]
+    pub stats_interval: Duration,
+}
+
+/// The config `sidemesh up` serves: the operator's, or an editable copy of the embedded demo
+/// in the state folder. A copy the operator has edited is kept, never overwritten.
+fn config_path(args: &UpArgs) -> anyhow::Result<(PathBuf, String)> {
+    if let Some(path) = &args.config {
+        return Ok((path.clone(), path.display().to_string()));
+    }
+    let folder = args.state_dir.join("config");
+    std::fs::create_dir_all(&folder)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", folder.display()))?;
+    let file = folder.join("demo.yaml");
+    let note = match std::fs::read_to_string(&file) {
+        Ok(text) if text == DEMO_YAML => "the demo".to_string(),
+        Ok(_) => "your edited copy of the demo; delete it to start again from the demo".into(),
+        Err(_) => {
+            std::fs::write(&file, DEMO_YAML)
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", file.display()))?;
+            "the demo".into()
+        }
+    };
+    Ok((folder, format!("{} ({note})", file.display())))
 }
 
 /// Runs a proxy in control-plane mode for `service` in front of `app`.
@@ -85,27 +117,46 @@ async fn proxy(
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    // The control plane watches a folder: the operator's, or a copy of the embedded demo.
+    // The control plane's CA and join token live in a scratch folder, gone at exit.
     let scratch = tempfile::tempdir()?;
-    let config = match &args.config {
-        Some(path) => path.clone(),
-        None => {
-            std::fs::write(scratch.path().join("demo.yaml"), DEMO_YAML)?;
-            scratch.path().to_path_buf()
-        }
-    };
+    let (config, config_name) = config_path(&args)?;
     let mesh = sidemesh_config::load(&config)?;
-    let telemetry = Telemetry::init("sidemesh-up", args.otlp.as_deref(), LogFormat::Text, "warn")?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    // Without a collector, spans go to a local one that keeps them in a file; it stops last,
+    // so the spans of the final requests are kept too.
+    let (collector_stop, collector_rx) = watch::channel(false);
+    let collector = match &args.otlp {
+        Some(_) => None,
+        None => Some(
+            crate::traces::LocalCollector::start(
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+                &args.state_dir.join("traces.jsonl"),
+                stopped(collector_rx),
+            )
+            .await?,
+        ),
+    };
+    let otlp = args
+        .otlp
+        .clone()
+        .or_else(|| collector.as_ref().map(|c| format!("http://{}", c.addr)));
+    let telemetry = Telemetry::init(
+        "demo-apps",
+        otlp.as_deref(),
+        LogFormat::Text,
+        // Proxies stopping together wait out their drain for each other's pooled connections;
+        // that is expected here, not worth a warning.
+        "warn,sidemesh_proxy::app=error",
+    )?;
 
     let any = SocketAddr::from(([127, 0, 0, 1], 0));
     let cp = crate::server::build(crate::server::Args {
         config: config.clone(),
         listen: any,
-        admin: any,
+        admin: args.control_plane_admin,
         poll: Duration::from_millis(100),
         debounce: Duration::from_millis(100),
         disconnect_grace: Duration::from_secs(10),
@@ -139,7 +190,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let (user_proxy, _, user_proxy_task) = proxy(
         cp_grpc,
         &join_token,
-        args.otlp.as_deref(),
+        otlp.as_deref(),
         "user-service.demo",
         Some(users_addr),
         &[],
@@ -149,7 +200,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let (order_proxy, order_state, order_proxy_task) = proxy(
         cp_grpc,
         &join_token,
-        args.otlp.as_deref(),
+        otlp.as_deref(),
         "order-service.demo",
         Some(orders_addr),
         &["user-service"],
@@ -160,7 +211,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let (loadgen_proxy, loadgen_state, loadgen_proxy_task) = proxy(
         cp_grpc,
         &join_token,
-        args.otlp.as_deref(),
+        otlp.as_deref(),
         "loadgen.demo",
         None,
         &["order-service"],
@@ -223,10 +274,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let config_name = args.config.as_ref().map_or_else(
-        || "demo.yaml (embedded)".to_string(),
-        |p| p.display().to_string(),
-    );
     println!("Sidemesh up: control plane, a proxy per service, demo services, light load");
     println!(
         "  config         {config_name}: {}",
@@ -236,33 +283,35 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         "  control plane  grpc {cp_grpc}, admin http://{cp_admin}   (sidemesh status --control-plane http://{cp_admin})"
     );
     println!(
-        "  user-service   http://{users_addr}   proxy inbound {user_inbound}, admin http://{}",
+        "  user-service   http://{users_addr}   proxy inbound {user_inbound}, admin http://{}/metrics",
         user_proxy.admin
     );
     println!(
-        "  order-service  http://{orders_addr}   proxy inbound {order_inbound}, admin http://{}",
+        "  order-service  http://{orders_addr}   proxy inbound {order_inbound}, admin http://{}/metrics",
         order_proxy.admin
+    );
+    println!(
+        "  loadgen        {} req/s to order-service through its proxy, admin http://{}/metrics",
+        args.rate, loadgen_proxy.admin
     );
     println!(
         "  path           loadgen -> its proxy =mTLS=> order-service's proxy -> order-service -> its proxy =mTLS=> user-service's proxy -> user-service"
     );
-    match &args.otlp {
-        Some(endpoint) => {
+    match (&args.otlp, &collector) {
+        (Some(endpoint), _) => {
             println!("  traces         the proxies and the demo services export to {endpoint}")
         }
-        None => println!(
-            "  traces         not exported; pass --otlp http://127.0.0.1:4317 to send them to Jaeger"
+        (None, Some(local)) => println!(
+            "  traces         kept in {}: `sidemesh traces` prints the latest (or pass --otlp http://127.0.0.1:4317 for Jaeger)",
+            local.path.display()
         ),
-    }
-    if args.config.is_some() {
-        println!(
-            "  edits          change {config_name} and the proxies follow; `sidemesh status` shows the push"
-        );
+        (None, None) => {}
     }
     println!(
-        "  load           {} req/s; Ctrl-C stops everything",
-        args.rate
+        "  edits          change {} and the table follows within a second; `sidemesh status` shows the push",
+        config.display()
     );
+    println!("  Ctrl-C stops everything");
     println!();
 
     let load = loadgen::run(
@@ -274,10 +323,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             unknown_user_share: 0.05,
             client_id: "sidemesh-up".into(),
         },
-        |second| println!("{second}"),
+        |_| {},
     );
+    let scraper = crate::stat::Scraper::new(&format!("http://{cp_admin}"));
+    let table = crate::stat::watch(&scraper, args.stats_interval, std::future::pending());
     let outcome = tokio::select! {
         total = load => total.map(|t| println!("total: {t}")),
+        shown = table => shown,
         () = server::shutdown_signal() => Ok(()),
     };
     let _ = stop_tx.send(true);
@@ -289,6 +341,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     cp_task.await??;
     telemetry.shutdown();
+    let _ = collector_stop.send(true);
+    if let Some(collector) = collector {
+        collector.stopped().await;
+    }
     println!("stopped");
     outcome
 }

@@ -193,6 +193,7 @@ routes:
             service: "client".into(),
             namespace: "default".into(),
             address: None,
+            admin: None,
             identity: String::new(),
             ready: true,
             upstreams: upstreams.iter().map(|s| s.to_string()).collect(),

@@ -78,10 +78,12 @@ impl Telemetry {
                 .with_writer(std::io::stderr)
                 .boxed(),
         };
-        let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(service.to_string()));
+        // The log level filters logs only: spans are kept whatever it is (sampling decides).
+        let otel = tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer(service.to_string()))
+            .with_filter(tracing_subscriber::filter::LevelFilter::INFO);
         let _already_set = tracing_subscriber::registry()
-            .with(filter)
-            .with(fmt)
+            .with(fmt.with_filter(filter))
             .with(otel)
             .try_init();
         Ok(Self { provider })

@@ -164,6 +164,19 @@ fn proxy_id(args: &Args) -> String {
     })
 }
 
+/// The admin address to tell the control plane: a wildcard bind (`0.0.0.0:15020` in a pod) is
+/// reached at the workload's own address.
+fn advertised_admin(
+    admin: std::net::SocketAddr,
+    workload: Option<std::net::SocketAddr>,
+) -> std::net::SocketAddr {
+    if !admin.ip().is_unspecified() {
+        return admin;
+    }
+    let ip = workload.map_or(std::net::IpAddr::from([127, 0, 0, 1]), |w| w.ip());
+    std::net::SocketAddr::new(ip, admin.port())
+}
+
 pub async fn build(args: Args) -> Result<App, StartError> {
     let registry = Registry::default();
     let identity_source = identity_source(&args);
@@ -209,6 +222,7 @@ pub async fn build(args: Args) -> Result<App, StartError> {
                 service: local.name.clone(),
                 namespace: local.namespace.clone(),
                 address: args.advertise,
+                admin: None,
                 upstreams: args.upstreams.iter().map(|(s, _)| s.clone()).collect(),
                 state_dir: args.state_dir.clone(),
             };
@@ -287,6 +301,7 @@ pub async fn build(args: Args) -> Result<App, StartError> {
     let source = match source {
         ConfigSource::ControlPlane(mut identity, hash) => {
             identity.address = identity.address.or(inbound_addr);
+            identity.admin = Some(advertised_admin(admin_addr, identity.address));
             ConfigSource::ControlPlane(identity, hash)
         }
         other => other,

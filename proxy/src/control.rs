@@ -29,6 +29,8 @@ pub struct Identity {
     pub service: String,
     pub namespace: String,
     pub address: Option<std::net::SocketAddr>,
+    /// The admin server's address as others reach it.
+    pub admin: Option<std::net::SocketAddr>,
     pub upstreams: Vec<String>,
     pub state_dir: Option<PathBuf>,
 }
@@ -153,6 +155,7 @@ fn hello(proxy: &Proxy, me: &Identity, applied_hash: &str) -> ProxyMessage {
             ready: proxy.config_applied.load(Ordering::Acquire),
             upstreams: me.upstreams.clone(),
             applied_hash: applied_hash.to_string(),
+            admin_address: me.admin.map(|a| a.to_string()).unwrap_or_default(),
         })),
     }
 }

@@ -159,6 +159,10 @@ async fn handle(
             counter.inc();
         }
         if let Err(e) = authorize(&snapshot, conn.peer_identity.as_deref()) {
+            proxy.metrics.denied();
+            if let Some(metrics) = &metrics {
+                metrics.record(conn.direction, e.status(), started.elapsed());
+            }
             if let (Some(span), ProxyError::Forbidden { identity, .. }) = (span, &e) {
                 span.event(
                     "denied",

@@ -14,10 +14,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-/// Latency buckets, in seconds: 0.5 ms to about 16 s.
+/// Latency buckets, in seconds: 0.1 ms to about 13 s, doubling, so a proxy hop's tenths of a
+/// millisecond are still told apart.
 fn latency_histogram() -> Histogram {
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-        0.0005, 2.0, 16,
+        0.0001, 2.0, 18,
     ))
 }
 
@@ -103,6 +104,7 @@ pub struct Metrics {
     identity_expiry: Gauge<u64, AtomicU64>,
     identity_renewals: Family<ResultLabels, Counter>,
     inbound_clients: Family<ClientLabels, Counter>,
+    denied: Counter,
     pub spans: crate::trace::Counters,
 }
 
@@ -222,6 +224,12 @@ impl Metrics {
             "Inbound requests by the caller's identity",
             inbound_clients.clone(),
         );
+        let denied = Counter::default();
+        registry.register(
+            "denied_requests",
+            "Inbound requests refused with 403 by the service's authorization policy",
+            denied.clone(),
+        );
         let spans_exported = Counter::default();
         registry.register(
             "spans_exported",
@@ -256,6 +264,7 @@ impl Metrics {
             identity_expiry,
             identity_renewals,
             inbound_clients,
+            denied,
             requests,
             latency,
             open_connections,
@@ -355,6 +364,11 @@ impl Metrics {
                 client_id: client.unwrap_or("unauthenticated").to_string(),
             })
             .clone()
+    }
+
+    /// An inbound request refused by the authorization policy.
+    pub fn denied(&self) {
+        self.denied.inc();
     }
 
     pub fn connection_refused(&self, reason: &'static str) {

@@ -1,0 +1,674 @@
+//! `sidemesh stat`: a table per service, like `linkerd viz stat`, read from every proxy's
+//! `/metrics`. The control plane's `/status` says which proxies exist and where their admin
+//! servers are. Two scrapes a window apart give the rates.
+//!
+//! A service's row is its inbound side: the requests its proxies accepted, their success rate
+//! (not 5xx) and latency to response headers. Retries and rate-limited requests are counted
+//! against the service that was called, whichever proxy made or refused them: a caller's
+//! outbound limit refuses requests before they reach the service. Denied requests are refused
+//! by the service's authorization policy. `MTLS` is the share of inbound requests that came
+//! over mutual TLS.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::admin::{ProxyRow, Status};
+
+/// One line of the Prometheus text format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+impl Sample {
+    fn label(&self, key: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Parses the Prometheus (or OpenMetrics) text exposition; comments and malformed lines are
+/// skipped, since a table is still useful without them.
+pub fn parse(text: &str) -> Vec<Sample> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(parse_line)
+        .collect()
+}
+
+fn parse_line(line: &str) -> Option<Sample> {
+    let (name, rest) = match line.find(['{', ' ']) {
+        Some(i) => line.split_at(i),
+        None => return None,
+    };
+    let mut labels = Vec::new();
+    let rest = if let Some(mut body) = rest.strip_prefix('{') {
+        loop {
+            body = body.trim_start_matches([',', ' ']);
+            if let Some(after) = body.strip_prefix('}') {
+                break after;
+            }
+            let (key, after) = body.split_once("=\"")?;
+            let mut value = String::new();
+            let mut chars = after.char_indices();
+            let end = loop {
+                match chars.next()? {
+                    (i, '"') => break i,
+                    (_, '\\') => match chars.next()?.1 {
+                        'n' => value.push('\n'),
+                        other => value.push(other),
+                    },
+                    (_, c) => value.push(c),
+                }
+            };
+            labels.push((key.trim().to_string(), value));
+            body = &after[end + 1..];
+        }
+    } else {
+        rest
+    };
+    let value = rest.split_whitespace().next()?;
+    let value = match value {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        v => v.parse().ok()?,
+    };
+    Some(Sample {
+        name: name.to_string(),
+        labels,
+        value,
+    })
+}
+
+/// Cumulative counters of one service, as read at one moment.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Counters {
+    pub requests: f64,
+    pub failures: f64,
+    /// Latency histogram: (upper bound in seconds, cumulative count).
+    pub buckets: Vec<(f64, f64)>,
+    pub retries: f64,
+    pub rate_limited: f64,
+    pub denied: f64,
+    pub mtls_requests: f64,
+    pub plaintext_requests: f64,
+}
+
+impl Counters {
+    /// The increase since `earlier`; a counter that went down means the proxy restarted, and
+    /// everything it counted since is the increase.
+    fn since(&self, earlier: &Counters) -> Counters {
+        let d = |now: f64, before: f64| if now >= before { now - before } else { now };
+        let restarted = self.requests < earlier.requests;
+        let buckets = self
+            .buckets
+            .iter()
+            .map(|&(le, n)| {
+                let before = earlier
+                    .buckets
+                    .iter()
+                    .find(|(l, _)| *l == le)
+                    .map_or(0.0, |(_, n)| *n);
+                (le, if restarted { n } else { d(n, before) })
+            })
+            .collect();
+        Counters {
+            requests: d(self.requests, earlier.requests),
+            failures: if restarted {
+                self.failures
+            } else {
+                d(self.failures, earlier.failures)
+            },
+            buckets,
+            retries: d(self.retries, earlier.retries),
+            rate_limited: d(self.rate_limited, earlier.rate_limited),
+            denied: d(self.denied, earlier.denied),
+            mtls_requests: d(self.mtls_requests, earlier.mtls_requests),
+            plaintext_requests: d(self.plaintext_requests, earlier.plaintext_requests),
+        }
+    }
+
+    fn add(&mut self, other: &Counters) {
+        self.requests += other.requests;
+        self.failures += other.failures;
+        self.retries += other.retries;
+        self.rate_limited += other.rate_limited;
+        self.denied += other.denied;
+        self.mtls_requests += other.mtls_requests;
+        self.plaintext_requests += other.plaintext_requests;
+        for &(le, n) in &other.buckets {
+            match self.buckets.iter_mut().find(|(l, _)| *l == le) {
+                Some((_, total)) => *total += n,
+                None => self.buckets.push((le, n)),
+            }
+        }
+        self.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+
+    /// The `q` quantile of the latency histogram, interpolated inside its bucket as
+    /// Prometheus' `histogram_quantile` does; `None` without requests.
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        let total = self.buckets.last().map(|(_, n)| *n)?;
+        if total <= 0.0 {
+            return None;
+        }
+        let rank = q * total;
+        let mut lower = (0.0, 0.0);
+        for &(le, n) in &self.buckets {
+            if n >= rank {
+                if le.is_infinite() {
+                    // Beyond the last bound: all that can be said is "at least".
+                    return Some(Duration::from_secs_f64(lower.0));
+                }
+                let share = if n > lower.1 {
+                    (rank - lower.1) / (n - lower.1)
+                } else {
+                    1.0
+                };
+                return Some(Duration::from_secs_f64(lower.0 + (le - lower.0) * share));
+            }
+            lower = (le, n);
+        }
+        None
+    }
+}
+
+/// Sorts one proxy's samples into the counters of the services they concern. `local` is the
+/// proxy's own service (its inbound side); labels name the called service otherwise.
+pub fn attribute(samples: &[Sample], local: &str, into: &mut BTreeMap<String, Counters>) {
+    let inbound = |s: &Sample| s.label("direction") == Some("inbound");
+    for s in samples {
+        match s.name.as_str() {
+            "sidemesh_requests_total" if inbound(s) => {
+                let c = into.entry(local.to_string()).or_default();
+                c.requests += s.value;
+                if s.label("status_class") == Some("5xx") {
+                    c.failures += s.value;
+                }
+            }
+            "sidemesh_request_duration_seconds_bucket" if inbound(s) => {
+                let Some(le) = s.label("le").and_then(|v| match v {
+                    "+Inf" => Some(f64::INFINITY),
+                    v => v.parse::<f64>().ok(),
+                }) else {
+                    continue;
+                };
+                let c = into.entry(local.to_string()).or_default();
+                c.add(&Counters {
+                    buckets: vec![(le, s.value)],
+                    ..Counters::default()
+                });
+            }
+            "sidemesh_retries_total" | "sidemesh_rate_limited_total" => {
+                let Some(service) = s.label("service") else {
+                    continue;
+                };
+                let c = into.entry(service.to_string()).or_default();
+                if s.name == "sidemesh_retries_total" {
+                    c.retries += s.value;
+                } else {
+                    c.rate_limited += s.value;
+                }
+            }
+            "sidemesh_denied_requests_total" => {
+                into.entry(local.to_string()).or_default().denied += s.value;
+            }
+            "sidemesh_inbound_requests_by_client_total" => {
+                let c = into.entry(local.to_string()).or_default();
+                if s.label("client_id") == Some("unauthenticated") {
+                    c.plaintext_requests += s.value;
+                } else {
+                    c.mtls_requests += s.value;
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// One reading of the whole mesh.
+#[derive(Debug)]
+pub struct Reading {
+    pub at: Instant,
+    pub config_version: Option<u64>,
+    /// The proxies the control plane knows, and whether their metrics could be read.
+    pub proxies: Vec<(ProxyRow, bool)>,
+    /// Per proxy id: its counters by service.
+    pub by_proxy: BTreeMap<String, BTreeMap<String, Counters>>,
+}
+
+/// Reads the control plane's `/status`, then every proxy's `/metrics` at once.
+#[derive(Debug, Clone)]
+pub struct Scraper {
+    control_plane: String,
+    client: Client<HttpConnector, Empty<Bytes>>,
+}
+
+impl Scraper {
+    pub fn new(control_plane: &str) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_secs(1)));
+        Self {
+            control_plane: control_plane.trim_end_matches('/').to_string(),
+            client: Client::builder(TokioExecutor::new()).build(connector),
+        }
+    }
+
+    async fn get(&self, url: &str) -> anyhow::Result<Bytes> {
+        let uri: http::Uri = url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("invalid address `{url}`: {e}"))?;
+        let resp = tokio::time::timeout(Duration::from_secs(2), self.client.get(uri))
+            .await
+            .map_err(|_| anyhow::anyhow!("{url} did not answer within 2s"))??;
+        anyhow::ensure!(
+            resp.status().is_success(),
+            "{url} answered {}",
+            resp.status()
+        );
+        Ok(resp.into_body().collect().await?.to_bytes())
+    }
+
+    pub async fn read(&self) -> anyhow::Result<Reading> {
+        let url = format!("{}/status", self.control_plane);
+        let body = self.get(&url).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach the control plane at {}: {e:#}",
+                self.control_plane
+            )
+        })?;
+        let status: Status = serde_json::from_slice(&body)
+            .map_err(|e| anyhow::anyhow!("{url} is not a Sidemesh control plane: {e}"))?;
+        let at = Instant::now();
+        let scrapes = status.proxies.iter().map(|p| async move {
+            let Some(admin) = p.admin.as_deref().filter(|_| p.connected) else {
+                return None;
+            };
+            let text = self.get(&format!("http://{admin}/metrics")).await.ok()?;
+            Some(parse(&String::from_utf8_lossy(&text)))
+        });
+        // Together: each scrape has its own timeout, so the slowest bounds the wait.
+        let scraped = futures_util::future::join_all(scrapes).await;
+        let mut by_proxy = BTreeMap::new();
+        let mut proxies = Vec::new();
+        for (proxy, samples) in status.proxies.into_iter().zip(scraped) {
+            if let Some(samples) = &samples {
+                let mut counters = BTreeMap::new();
+                attribute(samples, &proxy.service, &mut counters);
+                by_proxy.insert(proxy.id.clone(), counters);
+            }
+            proxies.push((proxy, samples.is_some()));
+        }
+        Ok(Reading {
+            at,
+            config_version: status.config.map(|c| c.version),
+            proxies,
+            by_proxy,
+        })
+    }
+}
+
+/// One service's row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub service: String,
+    pub namespace: String,
+    /// Proxies whose metrics were read, of those the control plane knows.
+    pub proxies_read: usize,
+    pub proxies: usize,
+    /// Inbound requests per second.
+    pub rps: f64,
+    /// Share of inbound requests not answered 5xx; `None` without requests.
+    pub success: Option<f64>,
+    pub p50: Option<Duration>,
+    pub p99: Option<Duration>,
+    pub retries_per_sec: f64,
+    pub rate_limited_per_sec: f64,
+    pub denied_per_sec: f64,
+    /// Share of inbound requests over mutual TLS; `None` without requests.
+    pub mtls: Option<f64>,
+}
+
+/// The table between two readings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Table {
+    pub window: Duration,
+    pub config_version: Option<u64>,
+    pub rows: Vec<Row>,
+}
+
+impl Table {
+    pub fn between(before: &Reading, after: &Reading) -> Table {
+        let window = after.at.saturating_duration_since(before.at);
+        let secs = window.as_secs_f64().max(1e-3);
+        let mut totals: BTreeMap<String, Counters> = BTreeMap::new();
+        for (id, services) in &after.by_proxy {
+            let earlier = before.by_proxy.get(id);
+            for (service, now) in services {
+                let delta = match earlier.and_then(|e| e.get(service)) {
+                    Some(then) => now.since(then),
+                    // New since the first reading: the proxy started inside the window.
+                    None if earlier.is_none() => now.clone(),
+                    None => now.since(&Counters::default()),
+                };
+                totals.entry(service.clone()).or_default().add(&delta);
+            }
+        }
+        let mut rows: BTreeMap<String, Row> = BTreeMap::new();
+        for (proxy, read) in &after.proxies {
+            let row = rows.entry(proxy.service.clone()).or_insert_with(|| Row {
+                service: proxy.service.clone(),
+                namespace: proxy.namespace.clone(),
+                proxies_read: 0,
+                proxies: 0,
+                rps: 0.0,
+                success: None,
+                p50: None,
+                p99: None,
+                retries_per_sec: 0.0,
+                rate_limited_per_sec: 0.0,
+                denied_per_sec: 0.0,
+                mtls: None,
+            });
+            row.proxies += 1;
+            row.proxies_read += usize::from(*read);
+        }
+        for (service, c) in totals {
+            let Some(row) = rows.get_mut(&service) else {
+                continue;
+            };
+            row.rps = c.requests / secs;
+            row.success = (c.requests > 0.0).then(|| 1.0 - c.failures / c.requests);
+            row.p50 = c.quantile(0.5);
+            row.p99 = c.quantile(0.99);
+            row.retries_per_sec = c.retries / secs;
+            row.rate_limited_per_sec = c.rate_limited / secs;
+            row.denied_per_sec = c.denied / secs;
+            let by_client = c.mtls_requests + c.plaintext_requests;
+            row.mtls = (by_client > 0.0).then(|| c.mtls_requests / by_client);
+        }
+        Table {
+            window,
+            config_version: after.config_version,
+            rows: rows.into_values().collect(),
+        }
+    }
+
+    /// The column names, in order; each row renders to as many cells.
+    pub const HEADER: [&'static str; 11] = [
+        "SERVICE",
+        "NAMESPACE",
+        "MESHED",
+        "RPS",
+        "SUCCESS",
+        "P50",
+        "P99",
+        "RETRY/s",
+        "LIMITED/s",
+        "DENIED/s",
+        "MTLS",
+    ];
+
+    fn cells(row: &Row) -> [String; 11] {
+        let dash = || "-".to_string();
+        let rate = |v: f64| format!("{v:.1}");
+        let share = |v: Option<f64>| v.map_or_else(dash, |s| format!("{:.1}%", s * 100.0));
+        [
+            row.service.clone(),
+            row.namespace.clone(),
+            format!("{}/{}", row.proxies_read, row.proxies),
+            rate(row.rps),
+            share(row.success),
+            row.p50.map_or_else(dash, latency),
+            row.p99.map_or_else(dash, latency),
+            rate(row.retries_per_sec),
+            rate(row.rate_limited_per_sec),
+            rate(row.denied_per_sec),
+            share(row.mtls),
+        ]
+    }
+
+    /// The table as aligned text, one line per service under a header.
+    pub fn render(&self) -> String {
+        let header = Self::HEADER.map(str::to_string);
+        let lines: Vec<[String; 11]> = std::iter::once(header)
+            .chain(self.rows.iter().map(Self::cells))
+            .collect();
+        let mut widths = [0; 11];
+        for line in &lines {
+            for (w, cell) in widths.iter_mut().zip(line) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        let mut out = String::new();
+        for line in &lines {
+            let mut text = String::new();
+            for (i, (cell, w)) in line.iter().zip(widths).enumerate() {
+                if i > 0 {
+                    text.push_str("  ");
+                }
+                let _ = write!(text, "{cell:<w$}");
+            }
+            out.push_str(text.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+
+    /// The line above the table: the window and the config version in force.
+    pub fn caption(&self) -> String {
+        let version = self
+            .config_version
+            .map_or_else(|| "none yet".to_string(), |v| v.to_string());
+        format!(
+            "last {:.1}s, config version {version}",
+            self.window.as_secs_f64()
+        )
+    }
+}
+
+/// A latency the way people read them: `0.42ms`, `12ms`, `1.5s`.
+fn latency(d: Duration) -> String {
+    let ms = d.as_secs_f64() * 1000.0;
+    if ms < 10.0 {
+        format!("{ms:.2}ms")
+    } else if ms < 1000.0 {
+        format!("{ms:.0}ms")
+    } else {
+        format!("{:.1}s", ms / 1000.0)
+    }
+}
+
+/// Prints a table every `window`, redrawn in place on a terminal, until `stop` resolves.
+pub async fn watch(
+    scraper: &Scraper,
+    window: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    use std::io::{IsTerminal, Write};
+    let terminal = std::io::stdout().is_terminal();
+    let mut before = scraper.read().await?;
+    let mut drawn = 0;
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(window) => {}
+            () = &mut stop => return Ok(()),
+        }
+        let after = match scraper.read().await {
+            Ok(reading) => reading,
+            Err(e) => {
+                eprintln!("warning: {e:#}");
+                continue;
+            }
+        };
+        let table = Table::between(&before, &after);
+        let text = format!("{}\n{}", table.caption(), table.render());
+        let mut stdout = std::io::stdout().lock();
+        if terminal && drawn > 0 {
+            // Back over the previous table and clear to the end of the screen.
+            write!(stdout, "\x1b[{drawn}A\x1b[J")?;
+        }
+        if terminal {
+            write!(stdout, "{text}")?;
+            drawn = text.lines().count();
+        } else {
+            writeln!(stdout, "{text}")?;
+        }
+        stdout.flush()?;
+        before = after;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const METRICS: &str = r#"# HELP sidemesh_requests Requests
+# TYPE sidemesh_requests counter
+sidemesh_requests_total{direction="inbound",service="user-service",route="user-lookup",status_class="2xx"} 90
+sidemesh_requests_total{direction="inbound",service="user-service",route="user-lookup",status_class="5xx"} 10
+sidemesh_requests_total{direction="outbound",service="other",route="default",status_class="2xx"} 7
+sidemesh_request_duration_seconds_bucket{le="0.001",direction="inbound",service="user-service",route="user-lookup"} 50
+sidemesh_request_duration_seconds_bucket{le="0.002",direction="inbound",service="user-service",route="user-lookup"} 98
+sidemesh_request_duration_seconds_bucket{le="+Inf",direction="inbound",service="user-service",route="user-lookup"} 100
+sidemesh_rate_limited_total{direction="outbound",service="other",route="r"} 4
+sidemesh_denied_requests_total 3
+sidemesh_inbound_requests_by_client_total{client_id="spiffe://td/ns/demo/sa/a \"q\""} 95
+sidemesh_inbound_requests_by_client_total{client_id="unauthenticated"} 5
+# EOF
+"#;
+
+    #[test]
+    fn parses_labels_with_escapes_and_infinity() {
+        let samples = parse(METRICS);
+        assert_eq!(samples.len(), 10);
+        let client = &samples[8];
+        assert_eq!(
+            client.label("client_id"),
+            Some("spiffe://td/ns/demo/sa/a \"q\"")
+        );
+        assert_eq!(samples[5].label("le"), Some("+Inf"));
+        assert_eq!(samples[7].labels, Vec::new());
+        assert_eq!(samples[7].value, 3.0);
+    }
+
+    #[test]
+    fn attributes_inbound_to_the_local_service_and_limits_to_the_called_one() {
+        let mut by_service = BTreeMap::new();
+        attribute(&parse(METRICS), "user-service", &mut by_service);
+        let users = &by_service["user-service"];
+        assert_eq!((users.requests, users.failures), (100.0, 10.0));
+        assert_eq!((users.denied, users.mtls_requests), (3.0, 95.0));
+        assert_eq!(users.buckets.len(), 3);
+        let other = &by_service["other"];
+        assert_eq!((other.requests, other.rate_limited), (0.0, 4.0));
+    }
+
+    #[test]
+    fn quantiles_interpolate_inside_the_bucket() {
+        let c = Counters {
+            buckets: vec![(0.001, 50.0), (0.002, 98.0), (f64::INFINITY, 100.0)],
+            ..Counters::default()
+        };
+        assert_eq!(c.quantile(0.5), Some(Duration::from_millis(1)));
+        let p75 = c.quantile(0.75).unwrap().as_secs_f64();
+        assert!((p75 - 0.0015208).abs() < 1e-6, "{p75}");
+        // Past the last finite bound, the bound is what can be said.
+        assert_eq!(c.quantile(0.995), Some(Duration::from_millis(2)));
+        assert_eq!(Counters::default().quantile(0.5), None);
+    }
+
+    #[test]
+    fn a_restarted_proxy_counts_from_zero() {
+        let before = Counters {
+            requests: 100.0,
+            failures: 5.0,
+            ..Counters::default()
+        };
+        let after = Counters {
+            requests: 7.0,
+            failures: 1.0,
+            ..Counters::default()
+        };
+        let d = after.since(&before);
+        assert_eq!((d.requests, d.failures), (7.0, 1.0));
+    }
+
+    #[test]
+    fn renders_aligned_columns_with_dashes_for_idle_services() {
+        let row = |service: &str, rps: f64| Row {
+            service: service.into(),
+            namespace: "demo".into(),
+            proxies_read: 1,
+            proxies: 1,
+            rps,
+            success: (rps > 0.0).then_some(0.995),
+            p50: (rps > 0.0).then_some(Duration::from_micros(420)),
+            p99: (rps > 0.0).then_some(Duration::from_millis(25)),
+            retries_per_sec: 0.0,
+            rate_limited_per_sec: 1.5,
+            denied_per_sec: 0.0,
+            mtls: (rps > 0.0).then_some(1.0),
+        };
+        let table = Table {
+            window: Duration::from_secs(2),
+            config_version: Some(3),
+            rows: vec![row("loadgen", 0.0), row("user-service", 20.0)],
+        };
+        let text = table.render();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert!(
+            lines[0].starts_with("SERVICE       NAMESPACE  MESHED  RPS"),
+            "{text}"
+        );
+        let cells: Vec<&str> = lines[2].split_whitespace().collect();
+        assert_eq!(
+            cells,
+            [
+                "user-service",
+                "demo",
+                "1/1",
+                "20.0",
+                "99.5%",
+                "0.42ms",
+                "25ms",
+                "0.0",
+                "1.5",
+                "0.0",
+                "100.0%"
+            ]
+        );
+        assert_eq!(lines[1].split_whitespace().nth(4), Some("-"));
+        assert_eq!(table.caption(), "last 2.0s, config version 3");
+    }
+}
+
+/// `sidemesh stat`: one table over `window`, or a live one with `watch`.
+pub async fn run(control_plane: &str, window: Duration, watch_live: bool) -> anyhow::Result<()> {
+    let scraper = Scraper::new(control_plane);
+    if watch_live {
+        return watch(&scraper, window, sidemesh_demo::server::shutdown_signal()).await;
+    }
+    let before = scraper.read().await?;
+    anyhow::ensure!(
+        !before.proxies.is_empty(),
+        "no proxy is connected to the control plane at {control_plane}"
+    );
+    tokio::time::sleep(window).await;
+    let table = Table::between(&before, &scraper.read().await?);
+    print!("{}\n{}", table.caption(), table.render());
+    Ok(())
+}
