@@ -1,13 +1,18 @@
-//! `sidemesh up`, the README's first command: traffic flows and Ctrl-C stops it cleanly.
+//! `sidemesh up`, the README's first command: traffic flows over mTLS, the live table shows
+//! it, an edit to the routing YAML shows up in the table, `sidemesh stat` and `sidemesh traces`
+//! read the running mesh, and Ctrl-C stops everything.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use sidemesh_tests::bin;
+use sidemesh_tests::{bin, workspace_root};
 
-fn up(extra: &[&str]) -> std::process::Child {
+fn up(state_dir: &Path, extra: &[&str]) -> Child {
     Command::new(bin("sidemesh"))
         .args([
             "up",
@@ -15,9 +20,15 @@ fn up(extra: &[&str]) -> std::process::Child {
             "127.0.0.1:0",
             "--orders-addr",
             "127.0.0.1:0",
+            "--control-plane-admin",
+            "127.0.0.1:0",
             "--rate",
             "20",
+            "--stats-interval",
+            "1s",
+            "--state-dir",
         ])
+        .arg(state_dir)
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -27,7 +38,7 @@ fn up(extra: &[&str]) -> std::process::Child {
 }
 
 /// Reads stdout lines on a thread so the test can wait with a timeout.
-fn lines(child: &mut std::process::Child) -> mpsc::Receiver<String> {
+fn lines(child: &mut Child) -> mpsc::Receiver<String> {
     let stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -47,9 +58,151 @@ fn field(line: &str, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {key}= in `{line}`"))
 }
 
+/// One drawn table: its caption and, per service, each column's cell.
+#[derive(Debug)]
+struct Table {
+    caption: String,
+    rows: HashMap<String, HashMap<String, String>>,
+}
+
+impl Table {
+    fn cell(&self, service: &str, column: &str) -> &str {
+        self.rows
+            .get(service)
+            .and_then(|r| r.get(column))
+            .unwrap_or_else(|| panic!("no {column} for {service} in {self:#?}"))
+    }
+
+    fn number(&self, service: &str, column: &str) -> f64 {
+        let cell = self.cell(service, column);
+        cell.trim_end_matches('%')
+            .parse()
+            .unwrap_or_else(|_| panic!("{service} {column} is `{cell}`"))
+    }
+}
+
+/// Parses the tables in `sidemesh up`/`sidemesh stat` output, in order.
+fn tables(lines: &[String]) -> Vec<Table> {
+    let mut out = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if !line.starts_with("SERVICE ") {
+            continue;
+        }
+        let header: Vec<&str> = line.split_whitespace().collect();
+        let mut rows = HashMap::new();
+        for row in lines[i + 1..].iter().take_while(|l| !l.trim().is_empty()) {
+            let cells: Vec<&str> = row.split_whitespace().collect();
+            if cells.len() != header.len() {
+                break;
+            }
+            let row: HashMap<String, String> = header
+                .iter()
+                .zip(&cells)
+                .map(|(h, c)| (h.to_string(), c.to_string()))
+                .collect();
+            rows.insert(cells[0].to_string(), row);
+        }
+        let caption = i
+            .checked_sub(1)
+            .map(|c| lines[c].clone())
+            .unwrap_or_default();
+        out.push(Table { caption, rows });
+    }
+    out
+}
+
+/// Waits (up to `timeout`) for a table that satisfies `check`, collecting every line.
+fn wait_for_table(
+    rx: &mpsc::Receiver<String>,
+    seen: &mut Vec<String>,
+    timeout: Duration,
+    what: &str,
+    check: impl Fn(&Table) -> bool,
+) -> Table {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                let ends_table = line.trim().is_empty();
+                seen.push(line);
+                if ends_table {
+                    if let Some(table) = tables(seen).pop().filter(|t| check(t)) {
+                        return table;
+                    }
+                }
+            }
+            Err(_) => panic!(
+                "no table showing {what} within {timeout:?}:\n{}",
+                seen.join("\n")
+            ),
+        }
+    }
+}
+
+/// The address printed after `label` on the line starting with `prefix`.
+fn printed_addr(lines: &[String], prefix: &str, label: &str) -> SocketAddr {
+    lines
+        .iter()
+        .find(|l| l.trim_start().starts_with(prefix))
+        .and_then(|l| l.split(label).nth(1))
+        .and_then(|rest| {
+            let token = rest.split_whitespace().next()?;
+            let token = token.trim_start_matches("http://");
+            token.split('/').next()?.trim_end_matches(',').parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no `{label}` address on `{prefix}`:\n{}", lines.join("\n")))
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(exit) = child.try_wait().expect("try_wait") {
+            return exit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sidemesh up still running {timeout:?} after SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Processes whose parent is `pid`.
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after the last ')'.
+        let Some((head, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        if rest.split_whitespace().nth(1) == Some(pid.to_string().as_str()) {
+            if let Some(child) = head.split_whitespace().next().and_then(|p| p.parse().ok()) {
+                found.push(child);
+            }
+        }
+    }
+    found
+}
+
+/// Whether `pid` is still running (a zombie waiting for its parent does not count).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().to_string())
+        })
+        .is_some_and(|rest| !rest.starts_with('Z'))
+}
+
 #[test]
-fn a_bounded_run_sends_traffic_and_exits_cleanly() {
-    let mut child = up(&["--duration", "2s"]);
+fn a_bounded_run_sends_traffic_over_mtls_and_keeps_its_traces() {
+    let state = tempfile::tempdir().unwrap();
+    let mut child = up(state.path(), &["--duration", "4s"]);
     let rx = lines(&mut child);
     let mut output = Vec::new();
     while let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) {
@@ -63,42 +216,143 @@ fn a_bounded_run_sends_traffic_and_exits_cleanly() {
         .iter()
         .find(|l| l.starts_with("total:"))
         .unwrap_or_else(|| panic!("no total line:\n{text}"));
-    assert_eq!(field(total, "sent"), 40, "rate 20 for 2s: {total}");
-    assert!(field(total, "2xx") >= 30, "most orders succeed: {total}");
+    assert_eq!(field(total, "sent"), 80, "rate 20 for 4s: {total}");
+    assert!(field(total, "2xx") >= 60, "most orders succeed: {total}");
     assert_eq!(field(total, "5xx") + field(total, "err"), 0, "{total}");
     assert_eq!(output.last().map(String::as_str), Some("stopped"));
+
+    // The live table saw both services busy, every inbound request over mTLS.
+    let busy = tables(&output)
+        .into_iter()
+        .find(|t| t.number("order-service", "RPS") > 5.0)
+        .unwrap_or_else(|| panic!("no table with traffic:\n{text}"));
+    for service in ["order-service", "user-service"] {
+        assert_eq!(busy.cell(service, "MTLS"), "100.0%", "{busy:#?}");
+        assert_eq!(busy.cell(service, "SUCCESS"), "100.0%", "{busy:#?}");
+        assert_eq!(busy.cell(service, "MESHED"), "1/1", "{busy:#?}");
+        assert_ne!(busy.cell(service, "P50"), "-", "{busy:#?}");
+    }
+    assert!(busy.number("user-service", "RPS") > 5.0, "{busy:#?}");
+
+    // The spans were kept, and `sidemesh traces` shows whole requests across both hops.
+    let traces = Command::new(bin("sidemesh"))
+        .args(["traces", "-n", "3", "--service", "user-service", "--file"])
+        .arg(state.path().join("traces.jsonl"))
+        .output()
+        .expect("sidemesh traces");
+    let printed = String::from_utf8_lossy(&traces.stdout);
+    assert!(traces.status.success(), "{printed}");
+    let trace = printed
+        .split("\n\n")
+        .find(|t| t.contains("loadgen POST /orders/* (client)"))
+        .unwrap_or_else(|| panic!("no whole trace:\n{printed}"));
+    let depth = |needle: &str| {
+        trace
+            .lines()
+            .find(|l| l.contains(needle))
+            .map(|l| l.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(0))
+            .unwrap_or_else(|| panic!("no `{needle}` in:\n{trace}"))
+    };
+    let caller = depth("loadgen POST /orders/* (client)");
+    let orders = depth("order-service POST (server)");
+    let users = depth("user-service POST /demo.users.v1.UserService/GetUser (server)");
+    assert!(caller < orders && orders < users, "{trace}");
+    assert!(
+        trace.contains("from spiffe://cluster.local/ns/demo/sa/order-service"),
+        "user-service's proxy saw order-service's mTLS identity:\n{trace}"
+    );
 }
 
 #[test]
-fn ctrl_c_stops_everything() {
-    let mut child = up(&[]);
+fn an_edit_to_the_yaml_shows_in_the_table_and_ctrl_c_stops_everything() {
+    let state = tempfile::tempdir().unwrap();
+    let config = state.path().join("mesh");
+    std::fs::create_dir(&config).unwrap();
+    let yaml = std::fs::read_to_string(workspace_root().join("config/examples/demo.yaml"))
+        .expect("demo.yaml");
+    std::fs::write(config.join("demo.yaml"), &yaml).unwrap();
+    let mut child = up(
+        state.path(),
+        &["--config", config.to_str().expect("utf-8 path")],
+    );
+    let pid = child.id();
     let rx = lines(&mut child);
-    let first = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("a per-second line within 30s");
-        if line.starts_with("t=1s") {
-            break line;
-        }
-    };
-    assert!(field(&first, "2xx") > 0, "{first}");
+    let mut seen = Vec::new();
+
+    let before = wait_for_table(&rx, &mut seen, Duration::from_secs(30), "traffic", |t| {
+        t.rows.contains_key("user-service") && t.number("user-service", "RPS") > 5.0
+    });
+    assert_eq!(
+        before.number("user-service", "LIMITED/s"),
+        0.0,
+        "{before:#?}"
+    );
+    assert!(before.caption.ends_with("config version 1"), "{before:#?}");
+
+    // `sidemesh stat` reads the same mesh through the control plane.
+    let cp_admin = printed_addr(&seen, "control plane", "admin ");
+    let stat = Command::new(bin("sidemesh"))
+        .args(["stat", "--window", "1s", "--control-plane"])
+        .arg(format!("http://{cp_admin}"))
+        .output()
+        .expect("sidemesh stat");
+    let stat_text = String::from_utf8_lossy(&stat.stdout);
+    assert!(stat.status.success(), "{stat_text}");
+    let stat_lines: Vec<String> = stat_text.lines().map(str::to_string).collect();
+    let table = tables(&stat_lines).pop().expect("a table");
+    assert!(table.number("order-service", "RPS") > 5.0, "{stat_text}");
+    assert_eq!(table.cell("user-service", "MTLS"), "100.0%", "{stat_text}");
+
+    // Lower user-lookup's rate limit (200/s, burst 50) to 2/s with a burst of 1: order-service
+    // calls it about 19 times a second, so most calls are now refused by its proxy.
+    let lowered = yaml.replace(
+        "rateLimit:\n      rate: 200/s\n      burst: 50",
+        "rateLimit:\n      rate: 2/s\n      burst: 1",
+    );
+    assert_ne!(
+        lowered, yaml,
+        "the demo's user-lookup limit moved; update this test"
+    );
+    std::fs::write(config.join("demo.yaml"), lowered).unwrap();
+    let after = wait_for_table(
+        &rx,
+        &mut seen,
+        Duration::from_secs(20),
+        "the lowered limit",
+        |t| {
+            t.caption.ends_with("config version 2")
+                && t.rows.contains_key("user-service")
+                && t.number("user-service", "LIMITED/s") > 5.0
+        },
+    );
+    assert!(after.number("user-service", "RPS") < 5.0, "{after:#?}");
+
+    // Ctrl-C: everything stops, nothing is left listening or running.
+    let proxy_admins = [
+        printed_addr(&seen, "user-service", "admin "),
+        printed_addr(&seen, "order-service", "admin "),
+        printed_addr(&seen, "loadgen", "admin "),
+    ];
+    let children = children_of(pid);
     let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args(["-INT", &pid.to_string()])
         .status()
         .expect("kill -INT");
     assert!(status.success());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let exit = loop {
-        if let Some(exit) = child.try_wait().expect("try_wait") {
-            break exit;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "sidemesh up still running 10s after SIGINT"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let exit = wait_exit(&mut child, Duration::from_secs(10));
     assert!(exit.success(), "exit {exit}");
-    let rest: Vec<String> = rx.try_iter().collect();
-    assert_eq!(rest.last().map(String::as_str), Some("stopped"), "{rest:?}");
+    seen.extend(rx.try_iter());
+    assert_eq!(
+        seen.last().map(String::as_str),
+        Some("stopped"),
+        "{seen:#?}"
+    );
+    let left: Vec<u32> = children.into_iter().filter(|c| running(*c)).collect();
+    assert!(left.is_empty(), "processes left running: {left:?}");
+    for addr in proxy_admins.into_iter().chain([cp_admin]) {
+        assert!(
+            TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_err(),
+            "{addr} still accepts connections after Ctrl-C"
+        );
+    }
 }
