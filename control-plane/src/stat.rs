@@ -292,9 +292,7 @@ impl Scraper {
             .map_err(|e| anyhow::anyhow!("{url} is not a Sidemesh control plane: {e}"))?;
         let at = Instant::now();
         let scrapes = status.proxies.iter().map(|p| async move {
-            let Some(admin) = p.admin.as_deref().filter(|_| p.connected) else {
-                return None;
-            };
+            let admin = p.admin.as_deref().filter(|_| p.connected)?;
             let text = self.get(&format!("http://{admin}/metrics")).await.ok()?;
             Some(parse(&String::from_utf8_lossy(&text)))
         });
@@ -531,6 +529,23 @@ pub async fn watch(
     }
 }
 
+/// `sidemesh stat`: one table over `window`, or a live one with `watch`.
+pub async fn run(control_plane: &str, window: Duration, watch_live: bool) -> anyhow::Result<()> {
+    let scraper = Scraper::new(control_plane);
+    if watch_live {
+        return watch(&scraper, window, sidemesh_demo::server::shutdown_signal()).await;
+    }
+    let before = scraper.read().await?;
+    anyhow::ensure!(
+        !before.proxies.is_empty(),
+        "no proxy is connected to the control plane at {control_plane}"
+    );
+    tokio::time::sleep(window).await;
+    let table = Table::between(&before, &scraper.read().await?);
+    print!("{}\n{}", table.caption(), table.render());
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -583,7 +598,7 @@ sidemesh_inbound_requests_by_client_total{client_id="unauthenticated"} 5
             ..Counters::default()
         };
         assert_eq!(c.quantile(0.5), Some(Duration::from_millis(1)));
-        let p75 = c.quantile(0.75).unwrap().as_secs_f64();
+        let p75 = c.quantile(0.75).expect("a p75").as_secs_f64();
         assert!((p75 - 0.0015208).abs() < 1e-6, "{p75}");
         // Past the last finite bound, the bound is what can be said.
         assert_eq!(c.quantile(0.995), Some(Duration::from_millis(2)));
@@ -654,21 +669,4 @@ sidemesh_inbound_requests_by_client_total{client_id="unauthenticated"} 5
         assert_eq!(lines[1].split_whitespace().nth(4), Some("-"));
         assert_eq!(table.caption(), "last 2.0s, config version 3");
     }
-}
-
-/// `sidemesh stat`: one table over `window`, or a live one with `watch`.
-pub async fn run(control_plane: &str, window: Duration, watch_live: bool) -> anyhow::Result<()> {
-    let scraper = Scraper::new(control_plane);
-    if watch_live {
-        return watch(&scraper, window, sidemesh_demo::server::shutdown_signal()).await;
-    }
-    let before = scraper.read().await?;
-    anyhow::ensure!(
-        !before.proxies.is_empty(),
-        "no proxy is connected to the control plane at {control_plane}"
-    );
-    tokio::time::sleep(window).await;
-    let table = Table::between(&before, &scraper.read().await?);
-    print!("{}\n{}", table.caption(), table.render());
-    Ok(())
 }

@@ -457,18 +457,19 @@ elsewhere GET /orders/* (server) 0.10ms 200
 
     #[test]
     fn the_file_rotates_and_both_halves_are_read() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("spans.jsonl");
-        let mut file = SpanFile::open(&path).unwrap();
-        file.append(&[span("a", "", "one", 1, 2)]).unwrap();
+        let mut file = SpanFile::open(&path).expect("open");
+        file.append(&[span("a", "", "one", 1, 2)]).expect("append");
         file.written = ROTATE_BYTES;
-        file.append(&[span("b", "a", "two", 2, 3)]).unwrap();
+        file.append(&[span("b", "a", "two", 2, 3)]).expect("append");
         assert!(rotated(&path).exists());
-        file.append(&[span("c", "b", "three", 3, 4)]).unwrap();
-        let spans = read(&path).unwrap();
+        file.append(&[span("c", "b", "three", 3, 4)])
+            .expect("append");
+        let spans = read(&path).expect("read");
         let ids: Vec<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
         assert_eq!(ids, ["a", "b", "c"]);
-        let missing = read(&dir.path().join("none.jsonl")).unwrap_err();
+        let missing = read(&dir.path().join("none.jsonl")).expect_err("no file");
         assert!(
             missing.to_string().contains("run `sidemesh up`"),
             "{missing}"

@@ -165,15 +165,21 @@ fn proxy_id(args: &Args) -> String {
 }
 
 /// The admin address to tell the control plane: a wildcard bind (`0.0.0.0:15020` in a pod) is
-/// reached at the workload's own address.
+/// reached at the workload's own address, or the pod's IP (`POD_IP`, from the downward API)
+/// for a client-only workload that advertises none.
 fn advertised_admin(
     admin: std::net::SocketAddr,
     workload: Option<std::net::SocketAddr>,
+    pod_ip: Option<std::net::IpAddr>,
 ) -> std::net::SocketAddr {
     if !admin.ip().is_unspecified() {
         return admin;
     }
-    let ip = workload.map_or(std::net::IpAddr::from([127, 0, 0, 1]), |w| w.ip());
+    let ip = workload
+        .map(|w| w.ip())
+        .filter(|ip| !ip.is_unspecified())
+        .or(pod_ip)
+        .unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
     std::net::SocketAddr::new(ip, admin.port())
 }
 
@@ -301,7 +307,8 @@ pub async fn build(args: Args) -> Result<App, StartError> {
     let source = match source {
         ConfigSource::ControlPlane(mut identity, hash) => {
             identity.address = identity.address.or(inbound_addr);
-            identity.admin = Some(advertised_admin(admin_addr, identity.address));
+            let pod_ip = std::env::var("POD_IP").ok().and_then(|ip| ip.parse().ok());
+            identity.admin = Some(advertised_admin(admin_addr, identity.address, pod_ip));
             ConfigSource::ControlPlane(identity, hash)
         }
         other => other,
@@ -387,5 +394,24 @@ impl App {
         } else {
             tracing::warn!("drain timeout reached with connections still open; exiting");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::advertised_admin;
+
+    #[test]
+    fn a_wildcard_admin_is_advertised_at_the_workload_or_pod_address() {
+        let addr = |s: &str| s.parse::<std::net::SocketAddr>().expect("socket address");
+        let pod = Some("10.0.0.9".parse().expect("ip"));
+        let bound = addr("127.0.0.1:4000");
+        assert_eq!(advertised_admin(bound, None, pod), bound);
+        let any = addr("0.0.0.0:15020");
+        let workload = Some(addr("10.0.0.7:8080"));
+        assert_eq!(advertised_admin(any, workload, pod), addr("10.0.0.7:15020"));
+        let unbound = Some(addr("0.0.0.0:15006"));
+        assert_eq!(advertised_admin(any, unbound, pod), addr("10.0.0.9:15020"));
+        assert_eq!(advertised_admin(any, None, None), addr("127.0.0.1:15020"));
     }
 }

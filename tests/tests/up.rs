@@ -201,7 +201,7 @@ fn running(pid: u32) -> bool {
 
 #[test]
 fn a_bounded_run_sends_traffic_over_mtls_and_keeps_its_traces() {
-    let state = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().expect("tempdir");
     let mut child = up(state.path(), &["--duration", "4s"]);
     let rx = lines(&mut child);
     let mut output = Vec::new();
@@ -265,12 +265,12 @@ fn a_bounded_run_sends_traffic_over_mtls_and_keeps_its_traces() {
 
 #[test]
 fn an_edit_to_the_yaml_shows_in_the_table_and_ctrl_c_stops_everything() {
-    let state = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().expect("tempdir");
     let config = state.path().join("mesh");
-    std::fs::create_dir(&config).unwrap();
+    std::fs::create_dir(&config).expect("mkdir");
     let yaml = std::fs::read_to_string(workspace_root().join("config/examples/demo.yaml"))
         .expect("demo.yaml");
-    std::fs::write(config.join("demo.yaml"), &yaml).unwrap();
+    std::fs::write(config.join("demo.yaml"), &yaml).expect("write config");
     let mut child = up(
         state.path(),
         &["--config", config.to_str().expect("utf-8 path")],
@@ -313,7 +313,7 @@ fn an_edit_to_the_yaml_shows_in_the_table_and_ctrl_c_stops_everything() {
         lowered, yaml,
         "the demo's user-lookup limit moved; update this test"
     );
-    std::fs::write(config.join("demo.yaml"), lowered).unwrap();
+    std::fs::write(config.join("demo.yaml"), lowered).expect("edit config");
     let after = wait_for_table(
         &rx,
         &mut seen,
@@ -355,4 +355,83 @@ fn an_edit_to_the_yaml_shows_in_the_table_and_ctrl_c_stops_everything() {
             "{addr} still accepts connections after Ctrl-C"
         );
     }
+}
+
+#[test]
+fn netns_pods_talk_mtls_and_ctrl_c_removes_every_process_and_namespace() {
+    use sidemesh_tests::netns::cannot_run;
+    if let Some(why) = cannot_run(&["ip", "iptables", "setpriv"]) {
+        sidemesh_tests::skip(&format!("sidemesh up --netns: {why}"));
+        return;
+    }
+    // The workload binaries sit next to `sidemesh`, as --netns expects.
+    for name in ["sidemesh-proxy", "user-service", "order-service", "loadgen"] {
+        bin(name);
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut child = up(state.path(), &["--netns"]);
+    let pid = child.id();
+    let rx = lines(&mut child);
+    let mut seen = Vec::new();
+    let busy = wait_for_table(
+        &rx,
+        &mut seen,
+        Duration::from_secs(60),
+        "pod traffic",
+        |t| t.rows.contains_key("user-service") && t.number("user-service", "RPS") > 5.0,
+    );
+    for service in ["order-service", "user-service"] {
+        assert_eq!(busy.cell(service, "MTLS"), "100.0%", "{busy:#?}");
+        assert_eq!(busy.cell(service, "SUCCESS"), "100.0%", "{busy:#?}");
+    }
+    for service in ["loadgen", "order-service", "user-service"] {
+        assert_eq!(busy.cell(service, "MESHED"), "1/1", "{busy:#?}");
+    }
+    let text = seen.join("\n");
+    assert!(text.contains("pod sm-users (10.213.0.1)"), "{text}");
+    // Calls were intercepted: the apps only know plain `http://user-service:8081`.
+    let nat = Command::new("ip")
+        .args(["netns", "exec", "sm-orders", "iptables", "-t", "nat", "-S"])
+        .output()
+        .expect("iptables");
+    assert!(
+        String::from_utf8_lossy(&nat.stdout).contains("SIDEMESH_OUTPUT"),
+        "order-service's pod has the init rules"
+    );
+
+    let children = children_of(pid);
+    assert!(
+        children.len() >= 6,
+        "three proxies, two apps, a loadgen: {children:?}"
+    );
+    let status = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .expect("kill -INT");
+    assert!(status.success());
+    let exit = wait_exit(&mut child, Duration::from_secs(30));
+    assert!(exit.success(), "exit {exit}");
+    seen.extend(rx.try_iter());
+    assert_eq!(
+        seen.last().map(String::as_str),
+        Some("stopped"),
+        "{seen:#?}"
+    );
+    let left: Vec<u32> = children.into_iter().filter(|c| running(*c)).collect();
+    assert!(left.is_empty(), "processes left running: {left:?}");
+    let namespaces = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip");
+    let namespaces = String::from_utf8_lossy(&namespaces.stdout);
+    assert!(
+        !namespaces.lines().any(|l| l.starts_with("sm-")),
+        "namespaces left: {namespaces}"
+    );
+    let link = Command::new("ip")
+        .args(["link", "show", "sm-host"])
+        .output()
+        .expect("ip link");
+    assert!(!link.status.success(), "the host link is removed");
+    assert!(!Path::new("/etc/netns/sm-users").exists());
 }

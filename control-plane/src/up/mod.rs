@@ -19,8 +19,10 @@ use tokio::sync::watch;
 
 use crate::summary;
 
+mod netns;
+
 /// The demo mesh config, embedded so `sidemesh up` works from any folder.
-pub const DEMO_YAML: &str = include_str!("../../config/examples/demo.yaml");
+pub const DEMO_YAML: &str = include_str!("../../../config/examples/demo.yaml");
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct UpArgs {
@@ -52,6 +54,10 @@ pub struct UpArgs {
     /// Where the editable copy of the demo config and the span file are kept.
     #[arg(long, default_value = ".sidemesh/up")]
     pub state_dir: PathBuf,
+    /// Run each workload as a pod: a network namespace with the init container's iptables
+    /// rules, its app and its proxy as separate processes, transparent interception (root).
+    #[arg(long)]
+    pub netns: bool,
     /// How often the traffic table is redrawn.
     #[arg(long, default_value = "2s", value_parser = server::parse_duration)]
     pub stats_interval: Duration,
@@ -77,6 +83,41 @@ fn config_path(args: &UpArgs) -> anyhow::Result<(PathBuf, String)> {
         }
     };
     Ok((folder, format!("{} ({note})", file.display())))
+}
+
+/// The control plane `sidemesh up` runs in its own process: quick to notice edits, its CA and
+/// join token in `data_dir`.
+fn control_plane_args(
+    config: PathBuf,
+    listen: SocketAddr,
+    admin: SocketAddr,
+    data_dir: PathBuf,
+) -> crate::server::Args {
+    crate::server::Args {
+        config,
+        listen,
+        admin,
+        poll: Duration::from_millis(100),
+        debounce: Duration::from_millis(100),
+        disconnect_grace: Duration::from_secs(10),
+        startup_grace: Duration::from_secs(5),
+        data_dir,
+        ca_dir: None,
+        join_token_file: None,
+        cert_lifetime: Duration::from_secs(24 * 3600),
+        webhook: None,
+        webhook_cert: None,
+        webhook_key: None,
+        webhook_dns: Vec::new(),
+        proxy_image: None,
+        control_plane_url: None,
+        kubernetes_api: None,
+        kubernetes_token_file: None,
+        kubernetes_ca_file: None,
+        token_audience: "sidemesh".into(),
+        discovery_interval: Duration::from_secs(5),
+        log_format: "text".into(),
+    }
 }
 
 /// Runs a proxy in control-plane mode for `service` in front of `app`.
@@ -117,6 +158,9 @@ async fn proxy(
 }
 
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    if args.netns {
+        return netns::run(args).await;
+    }
     // The control plane's CA and join token live in a scratch folder, gone at exit.
     let scratch = tempfile::tempdir()?;
     let (config, config_name) = config_path(&args)?;
@@ -153,31 +197,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     )?;
 
     let any = SocketAddr::from(([127, 0, 0, 1], 0));
-    let cp = crate::server::build(crate::server::Args {
-        config: config.clone(),
-        listen: any,
-        admin: args.control_plane_admin,
-        poll: Duration::from_millis(100),
-        debounce: Duration::from_millis(100),
-        disconnect_grace: Duration::from_secs(10),
-        startup_grace: Duration::from_secs(5),
-        data_dir: scratch.path().join("control-plane"),
-        ca_dir: None,
-        join_token_file: None,
-        cert_lifetime: Duration::from_secs(24 * 3600),
-        webhook: None,
-        webhook_cert: None,
-        webhook_key: None,
-        webhook_dns: Vec::new(),
-        proxy_image: None,
-        control_plane_url: None,
-        kubernetes_api: None,
-        kubernetes_token_file: None,
-        kubernetes_ca_file: None,
-        token_audience: "sidemesh".into(),
-        discovery_interval: Duration::from_secs(5),
-        log_format: "text".into(),
-    })
+    let cp = crate::server::build(control_plane_args(
+        config.clone(),
+        any,
+        args.control_plane_admin,
+        scratch.path().join("control-plane"),
+    ))
     .await?;
     let (cp_grpc, cp_admin) = (cp.grpc_addr, cp.admin_addr);
     let join_token = scratch.path().join("control-plane").join("join-token");
