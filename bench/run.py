@@ -261,10 +261,16 @@ def proxy_args(config, service, extra):
             "--outbound", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--log-format", "text"] + extra
 
 
-def start_topology(kind, procs, tmp, backend_port):
-    """Returns (url port, pids whose CPU is the topology's cost, pids for memory)."""
+def start_topology(kind, procs, tmp, backend_port, grpc=False):
+    """Returns (url port, pids whose CPU is the topology's cost, pids for memory). `grpc`: the
+    backend speaks gRPC (HTTP/2 without TLS), so nginx and HAProxy pairs are set up for HTTP/2 end
+    to end (Sidemesh detects it on its own)."""
     if kind == "direct":
         return backend_port, [], []
+    if grpc and kind in ("nginx-2-mtls", "haproxy-2-mtls"):
+        return start_grpc_pair(kind, procs, tmp, backend_port)
+    if kind == "sidemesh-2-mtls-full":
+        return start_sidemesh_mtls(procs, tmp, backend_port, reuse=True, full=True)
     if kind == "sidemesh-1":
         front = free_port()
         p = procs.start(proxy_args(mesh_yaml(tmp, "one", backend_port), "client",
@@ -357,13 +363,34 @@ services:
     ports: [{port: 80}]
 """
 
+# The policies a production route would have, configured but never triggered by the benchmark:
+# retries (gRPC calls included), a rate limit far above the load, and tracing at 1 % sampling to a
+# real collector.
+FULL_MESH = """apiVersion: sidemesh.io/v1
+kind: Mesh
+mesh:
+  mtls: strict
+  tracing: {{otlpEndpoint: "http://127.0.0.1:{collector}", sampling: 0.01}}
+services:
+  - name: client
+  - name: backend
+    ports: [{{port: 80}}]
+routes:
+  - name: guarded
+    service: backend
+    timeout: 5s
+    retry: {{attempts: 3, retryOn: [5xx, connect-failure, unavailable], nonIdempotent: true}}
+    rateLimit: {{rate: 1000000/s, burst: 1000000}}
+"""
 
-def start_sidemesh_mtls(procs, tmp, backend_port, reuse):
-    config_dir = os.path.join(tmp, "mtls-config")
+
+def start_sidemesh_mtls(procs, tmp, backend_port, reuse, full=False):
+    name = "mtls-full" if full else "mtls"
+    config_dir = os.path.join(tmp, f"{name}-config")
     os.makedirs(config_dir, exist_ok=True)
     with open(os.path.join(config_dir, "mesh.yaml"), "w") as f:
-        f.write(MTLS_MESH)
-    data = os.path.join(tmp, "mtls-cp")
+        f.write(FULL_MESH.format(collector=COLLECTOR_PORT) if full else MTLS_MESH)
+    data = os.path.join(tmp, f"{name}-cp")
     grpc, cp_admin = free_port(), free_port()
     procs.start([os.path.join(REL, "sidemesh-control-plane"), "--config", config_dir, "--data-dir", data,
                  "--listen", f"127.0.0.1:{grpc}", "--admin", f"127.0.0.1:{cp_admin}", "--log-format", "text"],
@@ -393,12 +420,55 @@ def start_sidemesh_mtls(procs, tmp, backend_port, reuse):
     raise RuntimeError("proxy A never learned proxy B as a meshed endpoint")
 
 
-def start_with_retry(kind, procs, tmp, backend_port, attempts=3):
+def nginx_grpc_conf(tmp, name, port, target, listen_tls="", upstream_tls=""):
+    """An nginx gRPC proxy: HTTP/2 in, `grpc_pass` out over a keep-alive pool; the TLS directives
+    are nginx_mtls's, spelled for the grpc module."""
+    scheme = "grpcs" if upstream_tls else "grpc"
+    conf = os.path.join(tmp, f"{name}.conf")
+    with open(conf, "w") as f:
+        f.write(f"""worker_processes 1; daemon off; master_process on;
+pid {tmp}/{name}.pid; error_log {tmp}/{name}.err warn;
+events {{ worker_connections 20000; }}
+http {{ access_log off; keepalive_requests 10000000; keepalive_timeout 300s; http2_max_requests 10000000;
+  client_body_temp_path {tmp}/{name}-body;
+  upstream up {{ server 127.0.0.1:{target}; keepalive 64; }}
+  server {{ listen 127.0.0.1:{port}{' ssl' if listen_tls else ''} http2 backlog=4096;{listen_tls}
+    location / {{ grpc_pass {scheme}://up;{upstream_tls.replace('proxy_ssl_', 'grpc_ssl_')} }} }} }}
+""")
+    return conf
+
+
+def start_grpc_pair(kind, procs, tmp, backend_port):
+    """nginx or HAProxy pairs for gRPC, the A -> B hop over mutual TLS 1.3 with ALPN h2."""
+    front, middle = free_port(), free_port()
+    tls = tls_material(tmp)
+    if kind == "nginx-2-mtls":
+        listen_tls, upstream_tls = nginx_mtls(tls)
+        nb = procs.start(["nginx", "-c", nginx_grpc_conf(tmp, "ngx-grpc-b", middle, backend_port,
+                                                         listen_tls=listen_tls), "-p", tmp], name="ngx-b")
+        na = procs.start(["nginx", "-c", nginx_grpc_conf(tmp, "ngx-grpc-a", front, middle,
+                                                         upstream_tls=upstream_tls), "-p", tmp], name="ngx-a")
+        wait_port(middle)
+        wait_port(front)
+        pids = [na.pid, nb.pid] + children(na.pid) + children(nb.pid)
+        return front, pids, pids
+    bind_tls, server_tls = haproxy_mtls(tls)
+    bind_tls, server_tls = bind_tls.replace("alpn http/1.1", "alpn h2"), server_tls.replace("alpn http/1.1", "alpn h2")
+    hb = procs.start(["haproxy", "-db", "-f", haproxy_conf(tmp, "hap-grpc-b", middle, backend_port,
+                                                           bind_tls=bind_tls, server_tls=" proto h2")], name="hap-b")
+    ha = procs.start(["haproxy", "-db", "-f", haproxy_conf(tmp, "hap-grpc-a", front, middle, bind_tls=" proto h2",
+                                                           server_tls=server_tls)], name="hap-a")
+    wait_port(middle)
+    wait_port(front)
+    return front, [ha.pid, hb.pid], [ha.pid, hb.pid]
+
+
+def start_with_retry(kind, procs, tmp, backend_port, attempts=3, grpc=False):
     """A free port can be taken between picking and binding it (ephemeral ports of live
     connections); start again on fresh ports rather than lose the run."""
     for attempt in range(attempts):
         try:
-            return start_topology(kind, procs, tmp, backend_port)
+            return start_topology(kind, procs, tmp, backend_port, grpc=grpc)
         except RuntimeError as e:
             procs.stop()
             if attempt == attempts - 1:
@@ -415,10 +485,11 @@ def wrk(port, seconds, connections):
     return rps, total, int(errors.group(1)) if errors else 0
 
 
-def latency(port, rate, seconds):
+def latency(port, rate, seconds, path="", grpc_body=None):
+    extra = ["--grpc-body", grpc_body] if grpc_body else []
     out = subprocess.run(["taskset", "-c", LOAD_CORE, os.path.join(REL, "bench-latency"), "--url",
-                          f"http://127.0.0.1:{port}/", "--rate", str(rate), "--duration", f"{seconds}s"],
-                         capture_output=True, text=True, check=True).stdout
+                          f"http://127.0.0.1:{port}/{path}", "--rate", str(rate), "--duration", f"{seconds}s",
+                          *extra], capture_output=True, text=True, check=True).stdout
     return json.loads(out)
 
 
@@ -464,10 +535,55 @@ def idle_connections(tmp, backend_port, count):
         procs.stop()
 
 
+def measure_http(kind, port, cpu_pids, mem_pids, connections, seconds, rate):
+    """One HTTP/1.1 measurement of a started topology: RSS idle (before any request), a 1 s wrk
+    warm-up, throughput and the proxies' CPU per request under wrk, peak RSS under that load, then
+    latency at a fixed rate (open loop). Failed requests abort the run: a benchmark of errors is
+    not a benchmark."""
+    idle = sum(rss_kib(p) for p in mem_pids) / 1024
+    wrk(port, 1, connections)
+    cpu0 = cpu_seconds(cpu_pids)
+    rps, total, errors = wrk(port, seconds, connections)
+    cpu = cpu_seconds(cpu_pids) - cpu0
+    peak = sum(rss_kib(p, "VmHWM") for p in mem_pids) / 1024
+    if errors:
+        raise RuntimeError(f"{kind}: {errors} failed requests under load")
+    lat = latency(port, rate, seconds)
+    if lat["errors"]:
+        raise RuntimeError(f"{kind}: {lat['errors']} failed requests at {rate} req/s")
+    return {"rps": rps, "cpu_us": cpu / total * 1e6 if cpu_pids else 0.0, "p50": lat["p50_us"],
+            "p99": lat["p99_us"], "p999": lat["p999_us"], "rss_idle": idle, "rss_load": peak}
+
+
+def measure_grpc(kind, port, cpu_pids, mem_pids, body_file, requests, seconds, rate):
+    """The same for gRPC: h2load throughput (4 connections, 16 streams each) and CPU, then unary-call
+    latency at a fixed rate over HTTP/2 with bench-latency --grpc-body."""
+    idle = sum(rss_kib(p) for p in mem_pids) / 1024
+    h2load(port, 2000, body_file)
+    cpu0 = cpu_seconds(cpu_pids)
+    rps, ok = h2load(port, requests, body_file)
+    cpu = cpu_seconds(cpu_pids) - cpu0
+    peak = sum(rss_kib(p, "VmHWM") for p in mem_pids) / 1024
+    if ok < requests:
+        raise RuntimeError(f"grpc {kind}: {requests - ok} failed calls under load")
+    lat = latency(port, rate, seconds, path="demo.users.v1.UserService/GetUser", grpc_body=body_file)
+    if lat["errors"]:
+        raise RuntimeError(f"grpc {kind}: {lat['errors']} failed calls at {rate} req/s")
+    return {"rps": rps, "cpu_us": cpu / ok * 1e6 if cpu_pids else 0.0, "p50": lat["p50_us"],
+            "p99": lat["p99_us"], "p999": lat["p999_us"], "rss_idle": idle, "rss_load": peak}
+
+
+def record(res, kind, m, rnd, label=""):
+    for key, value in m.items():
+        res[kind].setdefault(key, []).append(value)
+    print(f"round {rnd} {label}{kind:26} {m['rps']:9.0f} req/s  cpu {m['cpu_us']:7.1f} us/req  "
+          f"p50 {m['p50']} us  p99 {m['p99']} us  p99.9 {m['p999']} us  rss {m['rss_idle']:.1f}/{m['rss_load']:.1f} MiB",
+          flush=True)
+
+
 HEADER = """# Benchmarks
 
 Every figure here comes from `bench/run.sh` in this repository; re-run it to check them.
-Sections are regenerated independently (`--only data-plane`, `--only control-plane`).
 """
 
 
@@ -513,7 +629,7 @@ def policies(args):
     """The cost of a rate limit and a retry policy that are configured but never trigger."""
     tmp = tempfile.mkdtemp(prefix="sidemesh-bench-")
     kinds = ["direct", "sidemesh-1", "sidemesh-1-policies"]
-    res = {k: {"rps": [], "cpu_us": [], "p50": []} for k in kinds}
+    res = {k: {} for k in kinds}
     backend = Procs(tmp)
     backend_port = free_port()
     backend.start(["nginx", "-c", nginx_conf(tmp, "backend", backend_port), "-p", tmp], name="backend")
@@ -524,18 +640,8 @@ def policies(args):
                 procs = Procs(tmp)
                 try:
                     port, cpu_pids, _ = start_with_retry(kind, procs, tmp, backend_port)
-                    wrk(port, 1, args.connections)
-                    cpu0 = cpu_seconds(cpu_pids)
-                    rps, total, errors = wrk(port, args.seconds, args.connections)
-                    cpu = cpu_seconds(cpu_pids) - cpu0
-                    if errors:
-                        raise RuntimeError(f"{kind}: {errors} failed requests (a policy triggered?)")
-                    lat = latency(port, args.rate, args.seconds)
-                    res[kind]["rps"].append(rps)
-                    res[kind]["cpu_us"].append(cpu / total * 1e6 if cpu_pids else 0.0)
-                    res[kind]["p50"].append(lat["p50_us"])
-                    print(f"round {rnd} {kind:20} {rps:9.0f} req/s  cpu {res[kind]['cpu_us'][-1]:6.1f} us/req  "
-                          f"p50 {lat['p50_us']} us", flush=True)
+                    record(res, kind, measure_http(kind, port, cpu_pids, [], args.connections, args.seconds,
+                                                   args.rate), rnd)
                 finally:
                     procs.stop()
     finally:
@@ -564,7 +670,7 @@ def policies(args):
     print("\n".join(lines))
 
 
-COLLECTOR_PORT = 0  # set by tracing() before any trace topology starts
+COLLECTOR_PORT = 0  # set by start_collector() before any tracing topology starts
 TRACE_KINDS = ["sidemesh-2", "sidemesh-2-trace-100", "sidemesh-2-trace-1"]
 
 
@@ -580,37 +686,21 @@ def rotel_agent():
 def tracing(args):
     """Two proxies with tracing off, at 100 % and at 1 % sampling, exporting to a real OTLP
     collector (rotel, discarding what it receives)."""
-    global COLLECTOR_PORT
     tmp = tempfile.mkdtemp(prefix="sidemesh-bench-")
-    res = {k: {"rps": [], "cpu_us": [], "p50": []} for k in TRACE_KINDS}
+    res = {k: {} for k in TRACE_KINDS}
     backend = Procs(tmp)
-    backend_port, COLLECTOR_PORT = free_port(), free_port()
+    backend_port = free_port()
     backend.start(["nginx", "-c", nginx_conf(tmp, "backend", backend_port), "-p", tmp], name="backend")
-    backend.start([rotel_agent(), "start", "--otlp-grpc-endpoint", f"127.0.0.1:{COLLECTOR_PORT}",
-                   "--otlp-http-endpoint", f"127.0.0.1:{free_port()}", "--exporter", "blackhole",
-                   "--pid-file", os.path.join(tmp, "rotel.pid"), "--log-file", os.path.join(tmp, "rotel.log")],
-                  name="collector")
+    start_collector(backend, tmp)
     wait_port(backend_port)
-    wait_port(COLLECTOR_PORT)
     try:
         for rnd in range(1, args.rounds + 1):
             for kind in TRACE_KINDS:
                 procs = Procs(tmp)
                 try:
                     port, cpu_pids, _ = start_with_retry(kind, procs, tmp, backend_port)
-                    wrk(port, 1, args.connections)
-                    cpu0 = cpu_seconds(cpu_pids)
-                    rps, total, errors = wrk(port, args.seconds, args.connections)
-                    cpu = cpu_seconds(cpu_pids) - cpu0
-                    if errors:
-                        raise RuntimeError(f"{kind}: {errors} failed requests under load")
-                    lat = latency(port, args.rate, args.seconds)
-                    r = res[kind]
-                    r["rps"].append(rps)
-                    r["cpu_us"].append(cpu / total * 1e6)
-                    r["p50"].append(lat["p50_us"])
-                    print(f"round {rnd} {kind:22} {rps:9.0f} req/s  cpu {r['cpu_us'][-1]:6.1f} us/req  "
-                          f"p50 {lat['p50_us']} us", flush=True)
+                    record(res, kind, measure_http(kind, port, cpu_pids, [], args.connections, args.seconds,
+                                                   args.rate), rnd)
                 finally:
                     procs.stop()
     finally:
@@ -645,7 +735,7 @@ def mtls(args):
     HAProxy pair doing the same mTLS hop; then the handshake cost, with connection reuse switched off."""
     tmp = tempfile.mkdtemp(prefix="sidemesh-bench-")
     kinds = MTLS_KINDS + NOREUSE_KINDS
-    res = {k: {"rps": [], "cpu_us": [], "p50": [], "p99": []} for k in kinds}
+    res = {k: {} for k in kinds}
     backend = Procs(tmp)
     backend_port = free_port()
     backend.start(["nginx", "-c", nginx_conf(tmp, "backend", backend_port), "-p", tmp], name="backend")
@@ -660,20 +750,7 @@ def mtls(args):
                 procs = Procs(tmp)
                 try:
                     port, cpu_pids, _ = start_with_retry(kind, procs, tmp, backend_port)
-                    wrk(port, 1, connections)
-                    cpu0 = cpu_seconds(cpu_pids)
-                    rps, total, errors = wrk(port, args.seconds, connections)
-                    cpu = cpu_seconds(cpu_pids) - cpu0
-                    if errors:
-                        raise RuntimeError(f"{kind}: {errors} failed requests under load")
-                    lat = latency(port, rate, args.seconds)
-                    r = res[kind]
-                    r["rps"].append(rps)
-                    r["cpu_us"].append(cpu / total * 1e6 if cpu_pids else 0.0)
-                    r["p50"].append(lat["p50_us"])
-                    r["p99"].append(lat["p99_us"])
-                    print(f"round {rnd} {kind:24} {rps:9.0f} req/s  cpu {r['cpu_us'][-1]:7.1f} us/req  "
-                          f"p50 {lat['p50_us']} us  p99 {lat['p99_us']} us", flush=True)
+                    record(res, kind, measure_http(kind, port, cpu_pids, [], connections, args.seconds, rate), rnd)
                 finally:
                     procs.stop()
                     if noreuse:
@@ -738,6 +815,156 @@ def mtls(args):
     print("\n".join(lines))
 
 
+SUITE_KINDS = ["direct", "sidemesh-2", "sidemesh-2-mtls", "sidemesh-2-mtls-full", "nginx-2-mtls", "haproxy-2-mtls"]
+SUITE_LABELS = {
+    "direct": "direct (no proxy)",
+    "sidemesh-2": "Sidemesh pair, plaintext",
+    "sidemesh-2-mtls": "Sidemesh pair, mTLS",
+    "sidemesh-2-mtls-full": "Sidemesh pair, mTLS + retries + rate limit + tracing 1 %",
+    "nginx-2-mtls": "nginx pair, mTLS",
+    "haproxy-2-mtls": "HAProxy pair, mTLS",
+}
+
+
+def start_collector(procs, tmp):
+    """rotel as the OTLP collector (discarding spans) for the topologies that trace."""
+    global COLLECTOR_PORT
+    COLLECTOR_PORT = free_port()
+    procs.start([rotel_agent(), "start", "--otlp-grpc-endpoint", f"127.0.0.1:{COLLECTOR_PORT}",
+                 "--otlp-http-endpoint", f"127.0.0.1:{free_port()}", "--exporter", "blackhole",
+                 "--pid-file", os.path.join(tmp, "rotel.pid"), "--log-file", os.path.join(tmp, "rotel.log")],
+                name="collector")
+    wait_port(COLLECTOR_PORT)
+
+
+def suite(args):
+    """The report's main section: the same HTTP/1.1 and gRPC loads through every topology, with
+    every figure compared with the direct call of the same round."""
+    if (os.cpu_count() or 1) < 2:
+        sys.exit("needs at least 2 cores: one for the load generator, one for the servers")
+    tmp = tempfile.mkdtemp(prefix="sidemesh-bench-")
+    http = {k: {} for k in SUITE_KINDS}
+    grpc = {k: {} for k in SUITE_KINDS}
+    body_file = os.path.join(tmp, "getuser.bin")
+    with open(body_file, "wb") as f:
+        f.write(bytes([0, 0, 0, 0, 2, 0x08, 0x01]))  # gRPC frame: GetUserRequest{id: 1}
+    backend = Procs(tmp)
+    backend_port, grpc_port = free_port(), free_port()
+    backend.start(["nginx", "-c", nginx_conf(tmp, "backend", backend_port), "-p", tmp], name="backend")
+    backend.start([os.path.join(REL, "user-service"), "--listen", f"127.0.0.1:{grpc_port}", "--log-format", "text"],
+                  name="user-service")
+    start_collector(backend, tmp)
+    wait_port(backend_port)
+    wait_port(grpc_port)
+    try:
+        for rnd in range(1, args.rounds + 1):
+            for kind in SUITE_KINDS:
+                procs = Procs(tmp)
+                try:
+                    port, cpu_pids, mem_pids = start_with_retry(kind, procs, tmp, backend_port)
+                    record(http, kind, measure_http(kind, port, cpu_pids, mem_pids, args.connections,
+                                                    args.seconds, args.rate), rnd, "http ")
+                finally:
+                    procs.stop()
+            for kind in SUITE_KINDS:
+                procs = Procs(tmp)
+                try:
+                    port, cpu_pids, mem_pids = start_with_retry(kind, procs, tmp, grpc_port, grpc=True)
+                    record(grpc, kind, measure_grpc(kind, port, cpu_pids, mem_pids, body_file, args.grpc_requests,
+                                                    args.seconds, args.rate), rnd, "grpc ")
+                finally:
+                    procs.stop()
+    finally:
+        backend.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_suite(args, http, grpc)
+
+
+def per_round(res, a, b, key, op=lambda x, y: x / y):
+    values = [op(x, y) for x, y in zip(res[a][key], res[b][key]) if y]
+    return statistics.median(values), min(values), max(values)
+
+
+def suite_table(res, args):
+    rows = ["| topology | req/s | vs direct | CPU s per 1000 req | vs nginx mTLS pair | vs HAProxy mTLS pair "
+            "| p50 us | p99 us | p99.9 us | added p50 us | RSS per proxy idle MiB | under load MiB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for kind in SUITE_KINDS:
+        r = res[kind]
+        proxied = kind != "direct"
+        # Pairs: the figure per proxy is half the pair's (nginx: master and worker together).
+        rss_idle = [v / 2 for v in r["rss_idle"]]
+        rss_load = [v / 2 for v in r["rss_load"]]
+        cpu_s = [v / 1000 for v in r["cpu_us"]]
+        dash = "-"
+        vs = lambda peer: "{:.2f}x ({:.2f}-{:.2f})".format(*per_round(res, kind, peer, "cpu_us")) if proxied else dash
+        rows.append(
+            f"| {SUITE_LABELS[kind]} | {fmt_spread(r['rps'])} | "
+            f"{'{:.2f}x'.format(per_round(res, kind, 'direct', 'rps')[0])} | "
+            f"{fmt_spread(cpu_s, '{:.3f}') if proxied else dash} | {vs('nginx-2-mtls')} | {vs('haproxy-2-mtls')} | "
+            f"{fmt_spread(r['p50'])} | {fmt_spread(r['p99'])} | {fmt_spread(r['p999'])} | "
+            f"{'{:+.0f}'.format(per_round(res, kind, 'direct', 'p50', lambda x, y: x - y)[0]) if proxied else dash} | "
+            f"{fmt_spread(rss_idle, '{:.1f}') if proxied else dash} | {fmt_spread(rss_load, '{:.1f}') if proxied else dash} |")
+    return rows
+
+
+def write_suite(args, http, grpc):
+    command = (f"bench/run.sh --rounds {args.rounds} --seconds {args.seconds} --connections {args.connections} "
+               f"--rate {args.rate} --grpc-requests {args.grpc_requests}")
+    lines = ["## Sidemesh against direct calls, nginx and HAProxy", "",
+             f"Produced by `{command}` on {time.strftime('%Y-%m-%d')} ({os.cpu_count()} cores; `bench/run.sh` alone "
+             "uses these defaults). The script installs nginx, HAProxy, wrk and h2load from Debian, builds release "
+             "binaries, and writes this section.", "",
+             "Every topology fronts the same backend: nginx answering `200 ok` for HTTP/1.1, the demo user-service "
+             "for gRPC. The load generator runs on core 0, everything else on core 1 (`taskset`); topologies are "
+             f"interleaved in each of {args.rounds} rounds; each cell is the median with the spread (min-max) over "
+             "rounds, and every ratio is a median of per-round ratios, so a noisy round moves both sides of it. "
+             "CPU is the proxies' own CPU time (both proxies of a pair, all their processes) per request, from "
+             "/proc. Pairs: A -> B -> backend, where A -> B is mutual TLS 1.3 with ECDSA P-256 certificates "
+             "(Sidemesh: its control plane's CA, SPIFFE identities checked; nginx 1.22 and HAProxy 2.6 on "
+             "OpenSSL 3.0: an openssl-made CA, names checked). The `full` Sidemesh row also has a route with "
+             "retries (3 attempts, gRPC calls included), a rate limit (far above the load) and tracing at 1 % "
+             "sampling exporting to a real collector (rotel, on core 1, its CPU not counted).", "",
+             "### HTTP/1.1", "",
+             f"Throughput: `wrk -t1 -c{args.connections} -d{args.seconds}s` (the maximum at that many connections). "
+             f"Latency: `bench-latency --rate {args.rate}` for {args.seconds}s, open loop, measured from each request's "
+             "scheduled time. RSS idle: before the first request; under load: peak during wrk.", ""]
+    lines += suite_table(http, args)
+    lines += ["", "### gRPC", "",
+              f"Throughput: `h2load -n {args.grpc_requests} -c 4 -m 16` of `demo.users.v1.UserService/GetUser`. "
+              f"Latency: unary calls at {args.rate} per second over HTTP/2 (`bench-latency --grpc-body`), success "
+              "meaning `grpc-status: 0`.", ""]
+    lines += suite_table(grpc, args)
+    h = lambda a, b, key="cpu_us": per_round(http, a, b, key)
+    g = lambda a, b, key="cpu_us": per_round(grpc, a, b, key)
+    add = lambda res, kind, key: per_round(res, kind, "direct", key, lambda x, y: x - y)[0]
+    full_rss = statistics.median(http["sidemesh-2-mtls-full"]["rss_load"]) / 2
+    lines += ["", "### Headline", "",
+              f"- **CPU per request, mTLS hop** (HTTP/1.1): the Sidemesh pair uses **{h('sidemesh-2-mtls', 'nginx-2-mtls')[0]:.2f}x** "
+              f"the nginx pair's and **{h('sidemesh-2-mtls', 'haproxy-2-mtls')[0]:.2f}x** the HAProxy pair's; with "
+              f"retries, a rate limit and tracing at 1 %, **{h('sidemesh-2-mtls-full', 'nginx-2-mtls')[0]:.2f}x** and "
+              f"**{h('sidemesh-2-mtls-full', 'haproxy-2-mtls')[0]:.2f}x**. gRPC: {g('sidemesh-2-mtls', 'nginx-2-mtls')[0]:.2f}x "
+              f"and {g('sidemesh-2-mtls', 'haproxy-2-mtls')[0]:.2f}x ({g('sidemesh-2-mtls-full', 'nginx-2-mtls')[0]:.2f}x and "
+              f"{g('sidemesh-2-mtls-full', 'haproxy-2-mtls')[0]:.2f}x with the policies).",
+              f"- **Added latency at the median** over a direct call, at {args.rate} req/s: Sidemesh mTLS "
+              f"{add(http, 'sidemesh-2-mtls', 'p50'):+.0f} us (HTTP/1.1), {add(grpc, 'sidemesh-2-mtls', 'p50'):+.0f} us (gRPC); "
+              f"nginx {add(http, 'nginx-2-mtls', 'p50'):+.0f} / {add(grpc, 'nginx-2-mtls', 'p50'):+.0f} us; "
+              f"HAProxy {add(http, 'haproxy-2-mtls', 'p50'):+.0f} / {add(grpc, 'haproxy-2-mtls', 'p50'):+.0f} us. "
+              f"p99.9 over direct: Sidemesh {add(http, 'sidemesh-2-mtls', 'p999'):+.0f} us, nginx "
+              f"{add(http, 'nginx-2-mtls', 'p999'):+.0f} us, HAProxy {add(http, 'haproxy-2-mtls', 'p999'):+.0f} us (HTTP/1.1).",
+              f"- **Throughput**, as a share of direct at {args.connections} connections: Sidemesh mTLS "
+              f"{h('sidemesh-2-mtls', 'direct', 'rps')[0]:.2f}x, nginx {h('nginx-2-mtls', 'direct', 'rps')[0]:.2f}x, "
+              f"HAProxy {h('haproxy-2-mtls', 'direct', 'rps')[0]:.2f}x (gRPC: {g('sidemesh-2-mtls', 'direct', 'rps')[0]:.2f}x, "
+              f"{g('nginx-2-mtls', 'direct', 'rps')[0]:.2f}x, {g('haproxy-2-mtls', 'direct', 'rps')[0]:.2f}x).",
+              f"- **Memory**: {full_rss:.1f} MiB peak RSS per Sidemesh proxy under load with every policy on "
+              f"(idle {statistics.median(http['sidemesh-2-mtls-full']['rss_idle']) / 2:.1f} MiB).",
+              f"- **Policies**: mTLS with retries, a rate limit and 1 % tracing costs "
+              f"{h('sidemesh-2-mtls-full', 'sidemesh-2-mtls')[0]:.2f}x the CPU per request of bare mTLS, which costs "
+              f"{h('sidemesh-2-mtls', 'sidemesh-2')[0]:.2f}x plaintext."]
+    replace_section(args.out, "suite", "\n".join(lines))
+    print("\n".join(lines))
+
+
 def fmt_spread(values, fmt="{:.0f}"):
     return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
@@ -750,10 +977,20 @@ def main():
     ap.add_argument("--rate", type=int, default=1000)
     ap.add_argument("--idle", type=int, default=10000)
     ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
-    ap.add_argument("--only", choices=["data-plane", "control-plane", "policies", "mtls", "tracing"])
+    ap.add_argument("--grpc-requests", type=int, default=40000)
+    ap.add_argument("--only", choices=["suite", "data-plane", "control-plane", "policies", "mtls", "tracing"],
+                    help="one section (default: the suite, the report's main section)")
+    ap.add_argument("--all", action="store_true", help="every section, the suite first")
     ap.add_argument("--cp-proxies", default="1000,10000")
     ap.add_argument("--cp-changes", type=int, default=5)
     args = ap.parse_args()
+    if args.all:
+        for section in (suite, data_plane, control_plane, policies, mtls, tracing):
+            section(args)
+        return
+    if args.only in (None, "suite"):
+        suite(args)
+        return
     if args.only == "policies":
         policies(args)
         return
@@ -763,19 +1000,23 @@ def main():
     if args.only == "tracing":
         tracing(args)
         return
-    if args.only != "data-plane":
-        control_plane(args)
     if args.only == "control-plane":
+        control_plane(args)
         return
+    data_plane(args)
+
+
+def data_plane(args):
+    """Plaintext hops: one and two Sidemesh proxies against nginx and HAProxy pairs, and idle
+    connections' memory."""
     if (os.cpu_count() or 1) < 2:
         sys.exit("needs at least 2 cores: one for the load generator, one for the servers")
 
     tmp = tempfile.mkdtemp(prefix="sidemesh-bench-")
     http_kinds = ["direct", "sidemesh-1", "sidemesh-2", "nginx-2", "haproxy-2"]
     grpc_kinds = ["direct", "sidemesh-1", "sidemesh-2"]
-    results = {k: {"rps": [], "cpu_us": [], "p50": [], "p99": [], "p999": [], "rss_idle": [], "rss_load": []}
-               for k in http_kinds}
-    grpc = {k: {"rps": [], "cpu_us": []} for k in grpc_kinds}
+    results = {k: {} for k in http_kinds}
+    grpc = {k: {} for k in grpc_kinds}
     body_file = os.path.join(tmp, "getuser.bin")
     with open(body_file, "wb") as f:
         f.write(bytes([0, 0, 0, 0, 2, 0x08, 0x01]))  # gRPC frame: GetUserRequest{id: 1}
@@ -794,41 +1035,16 @@ def main():
                 procs = Procs(tmp)
                 try:
                     port, cpu_pids, mem_pids = start_with_retry(kind, procs, tmp, backend_port)
-                    wrk(port, 1, args.connections)  # warm-up
-                    idle = sum(rss_kib(p) for p in mem_pids)
-                    cpu0 = cpu_seconds(cpu_pids)
-                    rps, total, errors = wrk(port, args.seconds, args.connections)
-                    cpu = cpu_seconds(cpu_pids) - cpu0
-                    load_rss = sum(rss_kib(p, "VmHWM") for p in mem_pids)
-                    if errors:
-                        raise RuntimeError(f"{kind}: {errors} failed requests under load")
-                    lat = latency(port, args.rate, args.seconds)
-                    if lat["errors"]:
-                        raise RuntimeError(f"{kind}: {lat['errors']} failed requests at {args.rate} req/s")
-                    r = results[kind]
-                    r["rps"].append(rps)
-                    r["cpu_us"].append(cpu / total * 1e6 if cpu_pids else 0.0)
-                    r["p50"].append(lat["p50_us"])
-                    r["p99"].append(lat["p99_us"])
-                    r["p999"].append(lat["p999_us"])
-                    r["rss_idle"].append(idle / 1024)
-                    r["rss_load"].append(load_rss / 1024)
-                    print(f"round {rnd} {kind:11} {rps:9.0f} req/s  cpu {r['cpu_us'][-1]:6.1f} us/req  "
-                          f"p50 {lat['p50_us']} us  p99 {lat['p99_us']} us", flush=True)
+                    record(results, kind, measure_http(kind, port, cpu_pids, mem_pids, args.connections,
+                                                       args.seconds, args.rate), rnd)
                 finally:
                     procs.stop()
             for kind in grpc_kinds:
                 procs = Procs(tmp)
                 try:
-                    port, cpu_pids, _ = start_with_retry(kind, procs, tmp, grpc_port)
-                    h2load(port, 2000, body_file)
-                    cpu0 = cpu_seconds(cpu_pids)
-                    rps, ok = h2load(port, 40000, body_file)
-                    cpu = cpu_seconds(cpu_pids) - cpu0
-                    grpc[kind]["rps"].append(rps)
-                    grpc[kind]["cpu_us"].append(cpu / ok * 1e6 if cpu_pids else 0.0)
-                    print(f"round {rnd} grpc {kind:11} {rps:9.0f} req/s  cpu {grpc[kind]['cpu_us'][-1]:6.1f} us/req",
-                          flush=True)
+                    port, cpu_pids, mem_pids = start_with_retry(kind, procs, tmp, grpc_port, grpc=True)
+                    record(grpc, kind, measure_grpc(kind, port, cpu_pids, mem_pids, body_file, args.grpc_requests,
+                                                    args.seconds, args.rate), rnd, "grpc ")
                 finally:
                     procs.stop()
         idle_before, idle_after = idle_connections(tmp, backend_port, args.idle)

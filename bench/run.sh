@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Sidemesh data-plane benchmark: installs the peers (nginx, HAProxy, wrk, h2load from Debian),
-# builds release binaries, then runs bench/run.py, which writes BENCHMARKS.md.
+# Sidemesh benchmarks: installs the peers (nginx, HAProxy, wrk, h2load from Debian; rotel from
+# PyPI as the OTLP collector), builds release binaries, then runs bench/run.py, which writes
+# BENCHMARKS.md.
 #
-#   bench/run.sh                 # 3 interleaved rounds (about 10 minutes on 2 cores)
+#   bench/run.sh                 # the report's main section: direct vs Sidemesh (plaintext, mTLS,
+#                                # mTLS with policies and tracing) vs nginx and HAProxy mTLS pairs,
+#                                # HTTP/1.1 and gRPC; 3 interleaved rounds, about 15 minutes on 2 cores
 #   bench/run.sh --rounds 5      # more rounds, tighter spread
-#   bench/run.sh --only control-plane   # one section only (data-plane, control-plane, policies, mtls, tracing)
+#   bench/run.sh --only mtls     # one other section (data-plane, control-plane, policies, mtls, tracing)
+#   bench/run.sh --all           # every section
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +23,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd=sudo
   $sudo_cmd apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}"
+fi
+if ! python3 -c "import rotel" 2>/dev/null; then
+  python3 -m pip install --quiet rotel==0.0.1a15 \
+    || python3 -m pip install --quiet --break-system-packages rotel==0.0.1a15
 fi
 
 cargo build --release --locked -p sidemesh-proxy -p sidemesh-demo -p sidemesh-control-plane -p sidemesh-tests --bins

@@ -8,6 +8,8 @@
 //! to one core (`taskset -c 0`), as `bench/run.py` does, and the scheduler spins briefly.
 //!
 //! `bench-latency --url http://127.0.0.1:8080/ --rate 1000 --duration 10s [--connections 16] [--h2]`
+//! `bench-latency --url http://127.0.0.1:8081/pkg.Service/Method --grpc-body req.bin ...`: gRPC
+//! unary calls over HTTP/2 (the body is a length-prefixed message); success is `grpc-status: 0`.
 
 use std::time::{Duration, Instant};
 
@@ -25,6 +27,8 @@ struct Args {
     duration: Duration,
     connections: usize,
     h2: bool,
+    /// A gRPC request (framed message) to POST instead of a GET.
+    grpc_body: Option<Bytes>,
 }
 
 fn parse() -> Result<Args, String> {
@@ -34,6 +38,7 @@ fn parse() -> Result<Args, String> {
         duration: Duration::from_secs(10),
         connections: 16,
         h2: false,
+        grpc_body: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -53,6 +58,12 @@ fn parse() -> Result<Args, String> {
                     .map_err(|e| format!("--connections: {e}"))?
             }
             "--h2" => args.h2 = true,
+            "--grpc-body" => {
+                let path = value()?;
+                let body = std::fs::read(&path).map_err(|e| format!("--grpc-body {path}: {e}"))?;
+                args.grpc_body = Some(Bytes::from(body));
+                args.h2 = true;
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -60,6 +71,46 @@ fn parse() -> Result<Args, String> {
         return Err("--url is required".into());
     }
     Ok(args)
+}
+
+/// One call: a GET, or a gRPC unary call whose status is read from the trailers (or from the
+/// headers of a trailers-only answer). True when it succeeded.
+async fn call(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    uri: &http::Uri,
+    grpc_body: Option<&Bytes>,
+) -> bool {
+    let request = match grpc_body {
+        None => client.get(uri.clone()),
+        Some(body) => {
+            let Ok(req) = http::Request::post(uri.clone())
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(Full::new(body.clone()))
+            else {
+                return false;
+            };
+            client.request(req)
+        }
+    };
+    let Ok(resp) = request.await else {
+        return false;
+    };
+    if !resp.status().is_success() {
+        return false;
+    }
+    let header_status = resp.headers().get("grpc-status").cloned();
+    let Ok(collected) = resp.into_body().collect().await else {
+        return false;
+    };
+    if grpc_body.is_none() {
+        return true;
+    }
+    let status = collected
+        .trailers()
+        .and_then(|t| t.get("grpc-status").cloned())
+        .or(header_status);
+    status.is_some_and(|s| s == "0")
 }
 
 fn percentile(sorted: &[u64], q: f64) -> u64 {
@@ -79,10 +130,14 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    // Without TCP_NODELAY, small HTTP/2 frames meet Nagle's algorithm and delayed ACKs, and a
+    // direct call to a server that does not set it either waits tens of milliseconds.
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.set_nodelay(true);
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(args.connections)
         .http2_only(args.h2)
-        .build_http();
+        .build(connector);
     let uri: http::Uri = match args.url.parse() {
         Ok(u) => u,
         Err(e) => {
@@ -92,9 +147,7 @@ async fn main() {
     };
     // Warm the pool so connection set-up is not measured.
     for _ in 0..args.connections {
-        if let Ok(resp) = client.get(uri.clone()).await {
-            let _ = resp.into_body().collect().await;
-        }
+        call(&client, &uri, args.grpc_body.as_ref()).await;
     }
     let total = (args.rate * args.duration.as_secs_f64()).round() as u64;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<u64>>();
@@ -120,11 +173,9 @@ async fn main() {
     });
     while let Some(due) = due_rx.recv().await {
         let (client, uri, tx) = (client.clone(), uri.clone(), tx.clone());
+        let body = args.grpc_body.clone();
         tokio::spawn(async move {
-            let ok = match client.get(uri).await {
-                Ok(resp) => resp.status().is_success() && resp.into_body().collect().await.is_ok(),
-                Err(_) => false,
-            };
+            let ok = call(&client, &uri, body.as_ref()).await;
             let _ = tx.send(ok.then(|| due.elapsed().as_micros() as u64));
         });
     }
