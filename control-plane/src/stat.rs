@@ -352,13 +352,16 @@ impl Table {
         let secs = window.as_secs_f64().max(1e-3);
         let mut totals: BTreeMap<String, Counters> = BTreeMap::new();
         for (id, services) in &after.by_proxy {
-            let earlier = before.by_proxy.get(id);
+            // A proxy not read at the start of the window (new, or unreachable then) has no
+            // baseline: its lifetime totals would show as one window's burst, so it sits this
+            // window out.
+            let Some(earlier) = before.by_proxy.get(id) else {
+                continue;
+            };
             for (service, now) in services {
-                let delta = match earlier.and_then(|e| e.get(service)) {
+                let delta = match earlier.get(service) {
                     Some(then) => now.since(then),
-                    // New since the first reading: the proxy started inside the window.
-                    None if earlier.is_none() => now.clone(),
-                    None => now.since(&Counters::default()),
+                    None => now.clone(),
                 };
                 totals.entry(service.clone()).or_default().add(&delta);
             }
@@ -603,6 +606,90 @@ sidemesh_inbound_requests_by_client_total{client_id="unauthenticated"} 5
         // Past the last finite bound, the bound is what can be said.
         assert_eq!(c.quantile(0.995), Some(Duration::from_millis(2)));
         assert_eq!(Counters::default().quantile(0.5), None);
+    }
+
+    fn reading(at: Instant, proxies: &[(&str, &str, Option<&str>)]) -> Reading {
+        let mut by_proxy = BTreeMap::new();
+        let mut rows = Vec::new();
+        for (id, service, metrics) in proxies {
+            if let Some(text) = metrics {
+                let mut counters = BTreeMap::new();
+                attribute(&parse(text), service, &mut counters);
+                by_proxy.insert(id.to_string(), counters);
+            }
+            let row = ProxyRow {
+                id: id.to_string(),
+                service: service.to_string(),
+                namespace: "demo".into(),
+                address: None,
+                admin: Some("127.0.0.1:1".into()),
+                ready: true,
+                connected: true,
+                connected_for_secs: 1,
+                applied_version: 1,
+                synced: true,
+                last_nack: None,
+            };
+            rows.push((row, metrics.is_some()));
+        }
+        Reading {
+            at,
+            config_version: Some(2),
+            proxies: rows,
+            by_proxy,
+        }
+    }
+
+    #[test]
+    fn a_window_gives_rates_per_service_and_skips_proxies_without_a_baseline() {
+        let inbound = |ok: u32, failed: u32| {
+            format!(
+                "sidemesh_requests_total{{direction=\"inbound\",service=\"users\",route=\"r\",status_class=\"2xx\"}} {ok}\n\
+                 sidemesh_requests_total{{direction=\"inbound\",service=\"users\",route=\"r\",status_class=\"5xx\"}} {failed}\n"
+            )
+        };
+        let caller = |retries: u32| {
+            format!(
+                "sidemesh_retries_total{{direction=\"outbound\",service=\"users\",route=\"r\"}} {retries}\n"
+            )
+        };
+        let t0 = Instant::now();
+        let (users0, users1) = (inbound(100, 0), inbound(290, 10));
+        let (orders0, orders1) = (caller(5), caller(25));
+        let late = inbound(5000, 0);
+        let before = reading(
+            t0,
+            &[
+                ("users-1", "users", Some(&users0)),
+                ("orders-1", "orders", Some(&orders0)),
+                ("users-2", "users", None),
+            ],
+        );
+        let after = reading(
+            t0 + Duration::from_secs(2),
+            &[
+                ("users-1", "users", Some(&users1)),
+                ("orders-1", "orders", Some(&orders1)),
+                ("users-2", "users", Some(&late)),
+            ],
+        );
+        let table = Table::between(&before, &after);
+        let users = table
+            .rows
+            .iter()
+            .find(|r| r.service == "users")
+            .expect("a users row");
+        // users-2 had no reading at the window's start: its 5000 are not a 2-second burst.
+        assert_eq!(users.rps, 100.0);
+        assert_eq!(users.success, Some(0.95));
+        assert_eq!(users.retries_per_sec, 10.0);
+        assert_eq!((users.proxies_read, users.proxies), (2, 2));
+        let orders = table
+            .rows
+            .iter()
+            .find(|r| r.service == "orders")
+            .expect("an orders row");
+        assert_eq!((orders.rps, orders.success), (0.0, None));
     }
 
     #[test]
