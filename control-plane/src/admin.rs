@@ -1,5 +1,6 @@
 //! The control plane's admin server: `/ready`, `/live`, `/metrics`, `/debug/config` (the config
-//! in force) and `/status` (the JSON behind `sidemesh status`).
+//! in force), `/status` (the JSON behind `sidemesh status`) and `/stat` (every proxy's traffic
+//! metrics, read at once, behind `sidemesh stat`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -47,7 +48,7 @@ pub struct ConvergenceStatus {
 }
 
 /// A proxy as `sidemesh status` lists it (the same fields as the registry's `ProxyStatus`).
-#[derive(Debug, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct ProxyRow {
     pub id: String,
     pub service: String,
@@ -64,7 +65,7 @@ pub struct ProxyRow {
     pub last_nack: Option<NackRow>,
 }
 
-#[derive(Debug, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct NackRow {
     pub version: u64,
     pub error: String,
@@ -119,6 +120,7 @@ pub fn status(hub: &Hub) -> Status {
 }
 
 pub async fn serve(listener: TcpListener, hub: Arc<Hub>, mut stop: watch::Receiver<bool>) {
+    let collector = crate::stat::Collector::default();
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -127,17 +129,37 @@ pub async fn serve(listener: TcpListener, hub: Arc<Hub>, mut stop: watch::Receiv
             },
             () = crate::hub::stopped(&mut stop) => return,
         };
-        let hub = hub.clone();
+        let (hub, collector) = (hub.clone(), collector.clone());
         tokio::spawn(async move {
             let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let resp = answer(&hub, req.uri().path());
-                async move { Ok::<_, Infallible>(resp) }
+                let (hub, collector) = (hub.clone(), collector.clone());
+                async move {
+                    let resp = if req.uri().path() == "/stat" {
+                        // Reads every proxy: the one answer that waits on the network.
+                        let stat = collector.collect(status(&hub)).await;
+                        json(&stat)
+                    } else {
+                        answer(&hub, req.uri().path())
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
     }
+}
+
+fn json(value: &impl Serialize) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(
+        serde_json::to_string(value).unwrap_or_default(),
+    )));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 fn answer(hub: &Hub, path: &str) -> Response<Full<Bytes>> {
@@ -180,7 +202,7 @@ fn answer(hub: &Hub, path: &str) -> Response<Full<Bytes>> {
         _ => (
             StatusCode::NOT_FOUND,
             "text/plain",
-            "try /ready, /live, /metrics, /status, /debug/config\n".to_string(),
+            "try /ready, /live, /metrics, /status, /stat, /debug/config\n".to_string(),
         ),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));

@@ -1,6 +1,8 @@
-//! `sidemesh stat`: a table per service, like `linkerd viz stat`, read from every proxy's
-//! `/metrics`. The control plane's `/status` says which proxies exist and where their admin
-//! servers are. Two scrapes a window apart give the rates.
+//! `sidemesh stat`: a table per service, like `linkerd viz stat`, from every proxy's `/metrics`
+//! via the control plane: its `/stat` reads all the proxies it knows at once (each sends its
+//! admin address in its Hello) and passes on the table's metric families, so `sidemesh stat`
+//! needs to reach the control plane only (a port-forward on Kubernetes). Two readings a window
+//! apart give the rates.
 //!
 //! A service's row is its inbound side: the requests its proxies accepted, their success rate
 //! (not 5xx) and latency to response headers. Retries and rate-limited requests are counted
@@ -18,6 +20,8 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+
+use serde::{Deserialize, Serialize};
 
 use crate::admin::{ProxyRow, Status};
 
@@ -248,7 +252,98 @@ pub struct Reading {
     pub by_proxy: BTreeMap<String, BTreeMap<String, Counters>>,
 }
 
-/// Reads the control plane's `/status`, then every proxy's `/metrics` at once.
+/// The metric families the table is made of; the control plane passes only these on.
+const FAMILIES: [&str; 6] = [
+    "sidemesh_requests_total",
+    "sidemesh_request_duration_seconds_bucket",
+    "sidemesh_retries_total",
+    "sidemesh_rate_limited_total",
+    "sidemesh_denied_requests_total",
+    "sidemesh_inbound_requests_by_client_total",
+];
+
+/// A proxy and what its `/metrics` said (the table's families only), or `None` when it could
+/// not be read.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProxyMetrics {
+    pub proxy: ProxyRow,
+    pub metrics: Option<String>,
+}
+
+/// The control plane's `/stat`: every proxy it knows, read at once.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatResponse {
+    pub config_version: Option<u64>,
+    pub proxies: Vec<ProxyMetrics>,
+}
+
+fn http_client() -> Client<HttpConnector, Empty<Bytes>> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(Duration::from_secs(1)));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+async fn get(client: &Client<HttpConnector, Empty<Bytes>>, url: &str) -> anyhow::Result<Bytes> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("invalid address `{url}`: {e}"))?;
+    let resp = tokio::time::timeout(Duration::from_secs(2), client.get(uri))
+        .await
+        .map_err(|_| anyhow::anyhow!("{url} did not answer within 2s"))??;
+    anyhow::ensure!(
+        resp.status().is_success(),
+        "{url} answered {}",
+        resp.status()
+    );
+    Ok(resp.into_body().collect().await?.to_bytes())
+}
+
+/// The control plane's side of `/stat`: reads every connected proxy's `/metrics` at once over
+/// the pod network (which `sidemesh stat`, outside the cluster, may not reach).
+#[derive(Debug, Clone)]
+pub struct Collector {
+    client: Client<HttpConnector, Empty<Bytes>>,
+}
+
+impl Default for Collector {
+    fn default() -> Self {
+        Self {
+            client: http_client(),
+        }
+    }
+}
+
+impl Collector {
+    pub async fn collect(&self, status: Status) -> StatResponse {
+        let scrapes = status.proxies.iter().map(|p| async move {
+            let admin = p.admin.as_deref().filter(|_| p.connected)?;
+            let text = get(&self.client, &format!("http://{admin}/metrics"))
+                .await
+                .ok()?;
+            let text = String::from_utf8_lossy(&text);
+            let kept: String = text
+                .lines()
+                .filter(|l| FAMILIES.iter().any(|f| l.starts_with(f)))
+                .flat_map(|l| [l, "\n"])
+                .collect();
+            Some(kept)
+        });
+        // Together: each scrape has its own timeout, so the slowest bounds the wait.
+        let scraped = futures_util::future::join_all(scrapes).await;
+        StatResponse {
+            config_version: status.config.map(|c| c.version),
+            proxies: status
+                .proxies
+                .into_iter()
+                .zip(scraped)
+                .map(|(proxy, metrics)| ProxyMetrics { proxy, metrics })
+                .collect(),
+        }
+    }
+}
+
+/// `sidemesh stat`'s side: one reading from the control plane's `/stat`.
 #[derive(Debug, Clone)]
 pub struct Scraper {
     control_plane: String,
@@ -257,60 +352,36 @@ pub struct Scraper {
 
 impl Scraper {
     pub fn new(control_plane: &str) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(1)));
         Self {
             control_plane: control_plane.trim_end_matches('/').to_string(),
-            client: Client::builder(TokioExecutor::new()).build(connector),
+            client: http_client(),
         }
-    }
-
-    async fn get(&self, url: &str) -> anyhow::Result<Bytes> {
-        let uri: http::Uri = url
-            .parse()
-            .map_err(|e| anyhow::anyhow!("invalid address `{url}`: {e}"))?;
-        let resp = tokio::time::timeout(Duration::from_secs(2), self.client.get(uri))
-            .await
-            .map_err(|_| anyhow::anyhow!("{url} did not answer within 2s"))??;
-        anyhow::ensure!(
-            resp.status().is_success(),
-            "{url} answered {}",
-            resp.status()
-        );
-        Ok(resp.into_body().collect().await?.to_bytes())
     }
 
     pub async fn read(&self) -> anyhow::Result<Reading> {
-        let url = format!("{}/status", self.control_plane);
-        let body = self.get(&url).await.map_err(|e| {
+        let url = format!("{}/stat", self.control_plane);
+        let body = get(&self.client, &url).await.map_err(|e| {
             anyhow::anyhow!(
-                "cannot reach the control plane at {}: {e:#}",
+                "cannot read traffic from the control plane at {}: {e:#}",
                 self.control_plane
             )
         })?;
-        let status: Status = serde_json::from_slice(&body)
-            .map_err(|e| anyhow::anyhow!("{url} is not a Sidemesh control plane: {e}"))?;
         let at = Instant::now();
-        let scrapes = status.proxies.iter().map(|p| async move {
-            let admin = p.admin.as_deref().filter(|_| p.connected)?;
-            let text = self.get(&format!("http://{admin}/metrics")).await.ok()?;
-            Some(parse(&String::from_utf8_lossy(&text)))
-        });
-        // Together: each scrape has its own timeout, so the slowest bounds the wait.
-        let scraped = futures_util::future::join_all(scrapes).await;
+        let stat: StatResponse = serde_json::from_slice(&body)
+            .map_err(|e| anyhow::anyhow!("{url} is not a Sidemesh control plane's: {e}"))?;
         let mut by_proxy = BTreeMap::new();
         let mut proxies = Vec::new();
-        for (proxy, samples) in status.proxies.into_iter().zip(scraped) {
-            if let Some(samples) = &samples {
+        for ProxyMetrics { proxy, metrics } in stat.proxies {
+            if let Some(text) = &metrics {
                 let mut counters = BTreeMap::new();
-                attribute(samples, &proxy.service, &mut counters);
+                attribute(&parse(text), &proxy.service, &mut counters);
                 by_proxy.insert(proxy.id.clone(), counters);
             }
-            proxies.push((proxy, samples.is_some()));
+            proxies.push((proxy, metrics.is_some()));
         }
         Ok(Reading {
             at,
-            config_version: status.config.map(|c| c.version),
+            config_version: stat.config_version,
             proxies,
             by_proxy,
         })
