@@ -190,6 +190,12 @@ async fn lookup_user(mut client: UserServiceClient<Channel>, id: u64) -> Result<
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("user-service unavailable: {}", status.message()),
             ),
+            // Backpressure passes on as backpressure: a 429 tells the caller to slow down,
+            // where a 5xx would look like a broken order-service (and get it ejected).
+            tonic::Code::ResourceExhausted => error(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("user-service is limiting our calls: {}", status.message()),
+            ),
             other => error(
                 StatusCode::BAD_GATEWAY,
                 format!("user-service failed: {other:?}: {}", status.message()),

@@ -353,7 +353,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let scraper = crate::stat::Scraper::new(&format!("http://{cp_admin}"));
     let table = crate::stat::watch(&scraper, args.stats_interval, std::future::pending());
     let outcome = tokio::select! {
-        total = load => total.map(|t| println!("total: {t}")),
+        total = load => total.map(|t| say(&format!("total: {t}"))),
         shown = table => shown,
         () = server::shutdown_signal() => Ok(()),
     };
@@ -370,6 +370,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     if let Some(collector) = collector {
         collector.stopped().await;
     }
-    println!("stopped");
+    say("stopped");
     outcome
+}
+
+/// A last line for the operator; a closed stdout (`sidemesh up | head`) is not worth a panic
+/// while stopping.
+pub(crate) fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{line}");
 }

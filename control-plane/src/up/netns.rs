@@ -526,7 +526,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             Ok(status) if status.success() => {
                 let log = std::fs::read_to_string(logs.join("loadgen.log")).unwrap_or_default();
                 if let Some(total) = log.lines().rev().find(|l| l.starts_with("total:")) {
-                    println!("{total}");
+                    super::say(total);
                 }
                 Ok(())
             }
@@ -549,6 +549,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         collector.stopped().await;
     }
     drop(network);
-    println!("stopped");
+    super::say("stopped");
     outcome
 }
