@@ -573,6 +573,26 @@ def measure_grpc(kind, port, cpu_pids, mem_pids, body_file, requests, seconds, r
             "p99": lat["p99_us"], "p999": lat["p999_us"], "rss_idle": idle, "rss_load": peak}
 
 
+def interleave(args, tmp, http_res, http_kinds, http_port, grpc_res, grpc_kinds, grpc_port, body_file):
+    """Runs every round: each HTTP/1.1 topology in turn against `http_port`, then each gRPC one
+    against `grpc_port`, a fresh start for every measurement."""
+    for rnd in range(1, args.rounds + 1):
+        for proto, res, kinds, port in (("http", http_res, http_kinds, http_port),
+                                        ("grpc", grpc_res, grpc_kinds, grpc_port)):
+            for kind in kinds:
+                procs = Procs(tmp)
+                try:
+                    front, cpu_pids, mem_pids = start_with_retry(kind, procs, tmp, port, grpc=proto == "grpc")
+                    if proto == "http":
+                        m = measure_http(kind, front, cpu_pids, mem_pids, args.connections, args.seconds, args.rate)
+                    else:
+                        m = measure_grpc(kind, front, cpu_pids, mem_pids, body_file, args.grpc_requests, args.seconds,
+                                         args.rate)
+                    record(res, kind, m, rnd, proto + " ")
+                finally:
+                    procs.stop()
+
+
 def record(res, kind, m, rnd, label=""):
     for key, value in m.items():
         res[kind].setdefault(key, []).append(value)
@@ -857,23 +877,7 @@ def suite(args):
     wait_port(backend_port)
     wait_port(grpc_port)
     try:
-        for rnd in range(1, args.rounds + 1):
-            for kind in SUITE_KINDS:
-                procs = Procs(tmp)
-                try:
-                    port, cpu_pids, mem_pids = start_with_retry(kind, procs, tmp, backend_port)
-                    record(http, kind, measure_http(kind, port, cpu_pids, mem_pids, args.connections,
-                                                    args.seconds, args.rate), rnd, "http ")
-                finally:
-                    procs.stop()
-            for kind in SUITE_KINDS:
-                procs = Procs(tmp)
-                try:
-                    port, cpu_pids, mem_pids = start_with_retry(kind, procs, tmp, grpc_port, grpc=True)
-                    record(grpc, kind, measure_grpc(kind, port, cpu_pids, mem_pids, body_file, args.grpc_requests,
-                                                    args.seconds, args.rate), rnd, "grpc ")
-                finally:
-                    procs.stop()
+        interleave(args, tmp, http, SUITE_KINDS, backend_port, grpc, SUITE_KINDS, grpc_port, body_file)
     finally:
         backend.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1033,23 +1037,7 @@ def data_plane(args):
     wait_port(backend_port)
     wait_port(grpc_port)
     try:
-        for rnd in range(1, args.rounds + 1):
-            for kind in http_kinds:
-                procs = Procs(tmp)
-                try:
-                    port, cpu_pids, mem_pids = start_with_retry(kind, procs, tmp, backend_port)
-                    record(results, kind, measure_http(kind, port, cpu_pids, mem_pids, args.connections,
-                                                       args.seconds, args.rate), rnd)
-                finally:
-                    procs.stop()
-            for kind in grpc_kinds:
-                procs = Procs(tmp)
-                try:
-                    port, cpu_pids, mem_pids = start_with_retry(kind, procs, tmp, grpc_port, grpc=True)
-                    record(grpc, kind, measure_grpc(kind, port, cpu_pids, mem_pids, body_file, args.grpc_requests,
-                                                    args.seconds, args.rate), rnd, "grpc ")
-                finally:
-                    procs.stop()
+        interleave(args, tmp, results, http_kinds, backend_port, grpc, grpc_kinds, grpc_port, body_file)
         idle_before, idle_after = idle_connections(tmp, backend_port, args.idle)
     finally:
         backend.stop()

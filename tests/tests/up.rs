@@ -199,6 +199,33 @@ fn running(pid: u32) -> bool {
         .is_some_and(|rest| !rest.starts_with('Z'))
 }
 
+/// Ctrl-C (SIGINT) to `sidemesh up`: it exits successfully within `timeout`, its last line is
+/// "stopped", and none of the processes it had started is still running.
+fn interrupt(
+    child: &mut Child,
+    rx: &mpsc::Receiver<String>,
+    seen: &mut Vec<String>,
+    timeout: Duration,
+) {
+    let pid = child.id();
+    let children = children_of(pid);
+    let status = Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .expect("kill -INT");
+    assert!(status.success());
+    let exit = wait_exit(child, timeout);
+    assert!(exit.success(), "exit {exit}");
+    seen.extend(rx.try_iter());
+    assert_eq!(
+        seen.last().map(String::as_str),
+        Some("stopped"),
+        "{seen:#?}"
+    );
+    let left: Vec<u32> = children.into_iter().filter(|c| running(*c)).collect();
+    assert!(left.is_empty(), "processes left running: {left:?}");
+}
+
 #[test]
 fn a_bounded_run_sends_traffic_over_mtls_and_keeps_its_traces() {
     let state = tempfile::tempdir().expect("tempdir");
@@ -275,7 +302,6 @@ fn an_edit_to_the_yaml_shows_in_the_table_and_ctrl_c_stops_everything() {
         state.path(),
         &["--config", config.to_str().expect("utf-8 path")],
     );
-    let pid = child.id();
     let rx = lines(&mut child);
     let mut seen = Vec::new();
 
@@ -340,22 +366,7 @@ fn an_edit_to_the_yaml_shows_in_the_table_and_ctrl_c_stops_everything() {
         printed_addr(&seen, "order-service", "admin "),
         printed_addr(&seen, "loadgen", "admin "),
     ];
-    let children = children_of(pid);
-    let status = Command::new("kill")
-        .args(["-INT", &pid.to_string()])
-        .status()
-        .expect("kill -INT");
-    assert!(status.success());
-    let exit = wait_exit(&mut child, Duration::from_secs(10));
-    assert!(exit.success(), "exit {exit}");
-    seen.extend(rx.try_iter());
-    assert_eq!(
-        seen.last().map(String::as_str),
-        Some("stopped"),
-        "{seen:#?}"
-    );
-    let left: Vec<u32> = children.into_iter().filter(|c| running(*c)).collect();
-    assert!(left.is_empty(), "processes left running: {left:?}");
+    interrupt(&mut child, &rx, &mut seen, Duration::from_secs(10));
     for addr in proxy_admins.into_iter().chain([cp_admin]) {
         assert!(
             TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_err(),
@@ -377,7 +388,6 @@ fn netns_pods_talk_mtls_and_ctrl_c_removes_every_process_and_namespace() {
     }
     let state = tempfile::tempdir().expect("tempdir");
     let mut child = up(state.path(), &["--netns"]);
-    let pid = child.id();
     let rx = lines(&mut child);
     let mut seen = Vec::new();
     let busy = wait_for_table(
@@ -406,26 +416,12 @@ fn netns_pods_talk_mtls_and_ctrl_c_removes_every_process_and_namespace() {
         "order-service's pod has the init rules"
     );
 
-    let children = children_of(pid);
+    let children = children_of(child.id());
     assert!(
         children.len() >= 6,
         "three proxies, two apps, a loadgen: {children:?}"
     );
-    let status = Command::new("kill")
-        .args(["-INT", &pid.to_string()])
-        .status()
-        .expect("kill -INT");
-    assert!(status.success());
-    let exit = wait_exit(&mut child, Duration::from_secs(30));
-    assert!(exit.success(), "exit {exit}");
-    seen.extend(rx.try_iter());
-    assert_eq!(
-        seen.last().map(String::as_str),
-        Some("stopped"),
-        "{seen:#?}"
-    );
-    let left: Vec<u32> = children.into_iter().filter(|c| running(*c)).collect();
-    assert!(left.is_empty(), "processes left running: {left:?}");
+    interrupt(&mut child, &rx, &mut seen, Duration::from_secs(30));
     let namespaces = Command::new("ip")
         .args(["netns", "list"])
         .output()

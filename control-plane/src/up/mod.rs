@@ -85,6 +85,64 @@ fn config_path(args: &UpArgs) -> anyhow::Result<(PathBuf, String)> {
     Ok((folder, format!("{} ({note})", file.display())))
 }
 
+/// Where spans go: the operator's collector (`--otlp`), or a local one listening on `ip` that
+/// keeps them in `<state-dir>/traces.jsonl` for `sidemesh traces`.
+struct Spans {
+    /// The OTLP endpoint the proxies and apps export to.
+    endpoint: Option<String>,
+    local: Option<crate::traces::LocalCollector>,
+    stop: watch::Sender<bool>,
+}
+
+impl Spans {
+    async fn start(args: &UpArgs, ip: std::net::IpAddr) -> anyhow::Result<Spans> {
+        let (stop, mut stopped) = watch::channel(false);
+        let local = match &args.otlp {
+            Some(_) => None,
+            None => Some(
+                crate::traces::LocalCollector::start(
+                    SocketAddr::new(ip, 0),
+                    &args.state_dir.join("traces.jsonl"),
+                    async move {
+                        let _ = stopped.wait_for(|stop| *stop).await;
+                    },
+                )
+                .await?,
+            ),
+        };
+        let endpoint = args
+            .otlp
+            .clone()
+            .or_else(|| local.as_ref().map(|c| format!("http://{}", c.addr)));
+        Ok(Spans {
+            endpoint,
+            local,
+            stop,
+        })
+    }
+
+    /// The `traces` line of the banner.
+    fn describe(&self) -> String {
+        match (&self.local, &self.endpoint) {
+            (Some(local), _) => format!(
+                "kept in {}: `sidemesh traces` prints the latest (or pass --otlp http://127.0.0.1:4317 for Jaeger)",
+                local.path.display()
+            ),
+            (None, Some(endpoint)) => format!("exported to {endpoint}"),
+            (None, None) => "not kept".into(),
+        }
+    }
+
+    /// Stops the local collector once every span it accepted is on disk; called after the
+    /// mesh has stopped, so the spans of the final requests are kept.
+    async fn finish(self) {
+        let _ = self.stop.send(true);
+        if let Some(local) = self.local {
+            local.stopped().await;
+        }
+    }
+}
+
 /// The control plane `sidemesh up` runs in its own process: quick to notice edits, its CA and
 /// join token in `data_dir`.
 fn control_plane_args(
@@ -169,24 +227,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    // Without a collector, spans go to a local one that keeps them in a file; it stops last,
-    // so the spans of the final requests are kept too.
-    let (collector_stop, collector_rx) = watch::channel(false);
-    let collector = match &args.otlp {
-        Some(_) => None,
-        None => Some(
-            crate::traces::LocalCollector::start(
-                SocketAddr::from(([127, 0, 0, 1], 0)),
-                &args.state_dir.join("traces.jsonl"),
-                stopped(collector_rx),
-            )
-            .await?,
-        ),
-    };
-    let otlp = args
-        .otlp
-        .clone()
-        .or_else(|| collector.as_ref().map(|c| format!("http://{}", c.addr)));
+    let spans = Spans::start(&args, std::net::IpAddr::from([127, 0, 0, 1])).await?;
+    let otlp = spans.endpoint.clone();
     let telemetry = Telemetry::init(
         "demo-apps",
         otlp.as_deref(),
@@ -322,16 +364,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     println!(
         "  path           loadgen -> its proxy =mTLS=> order-service's proxy -> order-service -> its proxy =mTLS=> user-service's proxy -> user-service"
     );
-    match (&args.otlp, &collector) {
-        (Some(endpoint), _) => {
-            println!("  traces         the proxies and the demo services export to {endpoint}")
-        }
-        (None, Some(local)) => println!(
-            "  traces         kept in {}: `sidemesh traces` prints the latest (or pass --otlp http://127.0.0.1:4317 for Jaeger)",
-            local.path.display()
-        ),
-        (None, None) => {}
-    }
+    println!("  traces         {}", spans.describe());
     println!(
         "  edits          change {} and the table follows within a second; `sidemesh status` shows the push",
         config.display()
@@ -366,10 +399,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     cp_task.await??;
     telemetry.shutdown();
-    let _ = collector_stop.send(true);
-    if let Some(collector) = collector {
-        collector.stopped().await;
-    }
+    spans.finish().await;
     say("stopped");
     outcome
 }

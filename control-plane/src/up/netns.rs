@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
-use super::{UpArgs, config_path, control_plane_args};
+use super::{Spans, UpArgs, config_path, control_plane_args};
 use crate::summary;
 
 /// The pods' subnet; the host's end of the link is `.254`.
@@ -301,22 +301,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let (collector_stop, collector_rx) = watch::channel(false);
-    let collector = match &args.otlp {
-        Some(_) => None,
-        None => Some(
-            crate::traces::LocalCollector::start(
-                SocketAddr::new(host, 0),
-                &args.state_dir.join("traces.jsonl"),
-                stopped(collector_rx),
-            )
-            .await?,
-        ),
-    };
-    let otlp = args
-        .otlp
-        .clone()
-        .or_else(|| collector.as_ref().map(|c| format!("http://{}", c.addr)));
+    let spans = Spans::start(&args, host).await?;
+    let otlp = spans.endpoint.clone();
 
     let data_dir = scratch.path().join("control-plane");
     let cp = crate::server::build(control_plane_args(
@@ -501,14 +487,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     println!(
         "  path           loadgen calls http://order-service:8082, order-service calls http://user-service:8081; iptables hands both to the pod's proxy, and proxies talk mTLS across the bridge"
     );
-    match (&args.otlp, &collector) {
-        (Some(endpoint), _) => println!("  traces         exported to {endpoint}"),
-        (None, Some(local)) => println!(
-            "  traces         kept in {}: `sidemesh traces` prints the latest",
-            local.path.display()
-        ),
-        (None, None) => {}
-    }
+    println!("  traces         {}", spans.describe());
     println!(
         "  logs           {}   (try: ip netns exec sm-orders curl -s http://user-service:8081/users/1)",
         logs.display()
@@ -544,10 +523,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(true);
     cp_task.await??;
-    let _ = collector_stop.send(true);
-    if let Some(collector) = collector {
-        collector.stopped().await;
-    }
+    spans.finish().await;
     drop(network);
     super::say("stopped");
     outcome
