@@ -76,9 +76,15 @@ def rss_kib(pid, field="VmRSS"):
     return 0
 
 
-def children(pid):
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out]
+def children(pid, timeout=5.0):
+    """The processes `pid` started: an nginx master listens before it forks its worker, so wait
+    for one rather than measure the master alone."""
+    deadline = time.time() + timeout
+    while True:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+        if out or time.time() > deadline:
+            return [int(p) for p in out]
+        time.sleep(0.05)
 
 
 class Procs:
@@ -482,7 +488,10 @@ def wrk(port, seconds, connections):
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     total = int(re.search(r"(\d+) requests in", out).group(1))
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    return rps, total, int(errors.group(1)) if errors else 0
+    # Resets and timeouts are not answers at all: wrk counts them on a line of their own.
+    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    failed = (int(errors.group(1)) if errors else 0) + (sum(map(int, sockets.groups())) if sockets else 0)
+    return rps, total, failed
 
 
 def latency(port, rate, seconds, path="", grpc_body=None):
@@ -871,12 +880,12 @@ def suite(args):
     backend = Procs(tmp)
     backend_port, grpc_port = free_port(), free_port()
     backend.start(["nginx", "-c", nginx_conf(tmp, "backend", backend_port), "-p", tmp], name="backend")
-    backend.start([os.path.join(REL, "user-service"), "--listen", f"127.0.0.1:{grpc_port}", "--log-format", "text"],
-                  name="user-service")
-    start_collector(backend, tmp)
-    wait_port(backend_port)
-    wait_port(grpc_port)
     try:
+        backend.start([os.path.join(REL, "user-service"), "--listen", f"127.0.0.1:{grpc_port}", "--log-format",
+                       "text"], name="user-service")
+        start_collector(backend, tmp)
+        wait_port(backend_port)
+        wait_port(grpc_port)
         interleave(args, tmp, http, SUITE_KINDS, backend_port, grpc, SUITE_KINDS, grpc_port, body_file)
     finally:
         backend.stop()
@@ -917,7 +926,7 @@ def write_suite(args, http, grpc):
                f"--rate {args.rate} --grpc-requests {args.grpc_requests}")
     lines = ["## Sidemesh against direct calls, nginx and HAProxy", "",
              f"Produced by `{command}` on {time.strftime('%Y-%m-%d')} ({os.cpu_count()} cores; `bench/run.sh` alone "
-             "uses these defaults). The script installs nginx, HAProxy, wrk and h2load from Debian, builds release "
+             "runs 3 rounds with the other values as here). The script installs nginx, HAProxy, wrk and h2load from Debian, builds release "
              "binaries, and writes this section.", "",
              "Every topology fronts the same backend: nginx answering `200 ok` for HTTP/1.1, the demo user-service "
              "for gRPC. The load generator runs on core 0, everything else on core 1 (`taskset`); topologies are "

@@ -173,14 +173,14 @@ impl Counters {
             if n >= rank {
                 if le.is_infinite() {
                     // Beyond the last bound: all that can be said is "at least".
-                    return Some(Duration::from_secs_f64(lower.0));
+                    return Duration::try_from_secs_f64(lower.0).ok();
                 }
                 let share = if n > lower.1 {
                     (rank - lower.1) / (n - lower.1)
                 } else {
                     1.0
                 };
-                return Some(Duration::from_secs_f64(lower.0 + (le - lower.0) * share));
+                return Duration::try_from_secs_f64(lower.0 + (le - lower.0) * share).ok();
             }
             lower = (le, n);
         }
@@ -200,6 +200,10 @@ pub fn attribute(samples: &[Sample], local: &str, into: &mut BTreeMap<String, Co
                 if s.label("status_class") == Some("5xx") {
                     c.failures += s.value;
                 }
+            }
+            // Failed gRPC calls are answered 200 with an error grpc-status: failures too.
+            "sidemesh_grpc_errors_total" if inbound(s) => {
+                into.entry(local.to_string()).or_default().failures += s.value;
             }
             "sidemesh_request_duration_seconds_bucket" if inbound(s) => {
                 let Some(le) = s.label("le").and_then(|v| match v {
@@ -253,8 +257,9 @@ pub struct Reading {
 }
 
 /// The metric families the table is made of; the control plane passes only these on.
-const FAMILIES: [&str; 6] = [
+const FAMILIES: [&str; 7] = [
     "sidemesh_requests_total",
+    "sidemesh_grpc_errors_total",
     "sidemesh_request_duration_seconds_bucket",
     "sidemesh_retries_total",
     "sidemesh_rate_limited_total",
@@ -284,20 +289,35 @@ fn http_client() -> Client<HttpConnector, Empty<Bytes>> {
     Client::builder(TokioExecutor::new()).build(connector)
 }
 
-async fn get(client: &Client<HttpConnector, Empty<Bytes>>, url: &str) -> anyhow::Result<Bytes> {
+/// GET `url`, the whole answer within `limit`.
+async fn get(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    url: &str,
+    limit: Duration,
+) -> anyhow::Result<Bytes> {
     let uri: http::Uri = url
         .parse()
         .map_err(|e| anyhow::anyhow!("invalid address `{url}`: {e}"))?;
-    let resp = tokio::time::timeout(Duration::from_secs(2), client.get(uri))
+    let fetch = async {
+        let resp = client.get(uri).await?;
+        anyhow::ensure!(
+            resp.status().is_success(),
+            "{url} answered {}",
+            resp.status()
+        );
+        Ok(resp.into_body().collect().await?.to_bytes())
+    };
+    tokio::time::timeout(limit, fetch)
         .await
-        .map_err(|_| anyhow::anyhow!("{url} did not answer within 2s"))??;
-    anyhow::ensure!(
-        resp.status().is_success(),
-        "{url} answered {}",
-        resp.status()
-    );
-    Ok(resp.into_body().collect().await?.to_bytes())
+        .map_err(|_| anyhow::anyhow!("{url} did not answer within {limit:?}"))?
 }
+
+/// How long the control plane waits for one proxy's metrics.
+const PROXY_LIMIT: Duration = Duration::from_millis(1500);
+/// How long `sidemesh stat` waits for the control plane (which waits for the proxies).
+const CONTROL_PLANE_LIMIT: Duration = Duration::from_secs(5);
+/// Proxies read at once by the control plane.
+const CONCURRENT_READS: usize = 64;
 
 /// The control plane's side of `/stat`: reads every connected proxy's `/metrics` at once over
 /// the pod network (which `sidemesh stat`, outside the cluster, may not reach).
@@ -316,21 +336,32 @@ impl Default for Collector {
 
 impl Collector {
     pub async fn collect(&self, status: Status) -> StatResponse {
-        let scrapes = status.proxies.iter().map(|p| async move {
-            let admin = p.admin.as_deref().filter(|_| p.connected)?;
-            let text = get(&self.client, &format!("http://{admin}/metrics"))
-                .await
-                .ok()?;
-            let text = String::from_utf8_lossy(&text);
-            let kept: String = text
-                .lines()
-                .filter(|l| FAMILIES.iter().any(|f| l.starts_with(f)))
-                .flat_map(|l| [l, "\n"])
-                .collect();
-            Some(kept)
-        });
-        // Together: each scrape has its own timeout, so the slowest bounds the wait.
-        let scraped = futures_util::future::join_all(scrapes).await;
+        use futures_util::StreamExt;
+        // Owned jobs, so the futures borrow nothing (the admin server runs them in a task).
+        let jobs: Vec<_> = status
+            .proxies
+            .iter()
+            .map(|p| {
+                let admin = p.admin.clone().filter(|_| p.connected);
+                (self.client.clone(), admin)
+            })
+            .collect();
+        // Many at once, each with its own limit, so a slow proxy costs its own row only.
+        let scraped: Vec<Option<String>> = futures_util::stream::iter(jobs)
+            .map(|(client, admin)| async move {
+                let url = format!("http://{}/metrics", admin?);
+                let text = get(&client, &url, PROXY_LIMIT).await.ok()?;
+                let text = String::from_utf8_lossy(&text);
+                let kept: String = text
+                    .lines()
+                    .filter(|l| FAMILIES.iter().any(|f| l.starts_with(f)))
+                    .flat_map(|l| [l, "\n"])
+                    .collect();
+                Some(kept)
+            })
+            .buffered(CONCURRENT_READS)
+            .collect()
+            .await;
         StatResponse {
             config_version: status.config.map(|c| c.version),
             proxies: status
@@ -360,12 +391,14 @@ impl Scraper {
 
     pub async fn read(&self) -> anyhow::Result<Reading> {
         let url = format!("{}/stat", self.control_plane);
-        let body = get(&self.client, &url).await.map_err(|e| {
-            anyhow::anyhow!(
-                "cannot read traffic from the control plane at {}: {e:#}",
-                self.control_plane
-            )
-        })?;
+        let body = get(&self.client, &url, CONTROL_PLANE_LIMIT)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot read traffic from the control plane at {}: {e:#}",
+                    self.control_plane
+                )
+            })?;
         let at = Instant::now();
         let stat: StatResponse = serde_json::from_slice(&body)
             .map_err(|e| anyhow::anyhow!("{url} is not a Sidemesh control plane's: {e}"))?;
@@ -393,7 +426,7 @@ impl Scraper {
 pub struct Row {
     pub service: String,
     pub namespace: String,
-    /// Proxies whose metrics were read, of those the control plane knows.
+    /// Proxies whose metrics were read, of those connected to the control plane.
     pub proxies_read: usize,
     pub proxies: usize,
     /// Inbound requests per second.
@@ -453,8 +486,11 @@ impl Table {
                 denied_per_sec: 0.0,
                 mtls: None,
             });
-            row.proxies += 1;
-            row.proxies_read += usize::from(*read);
+            // Proxies gone but still in their disconnect grace are not counted.
+            if proxy.connected {
+                row.proxies += 1;
+                row.proxies_read += usize::from(*read);
+            }
         }
         for (service, c) in totals {
             let Some(row) = rows.get_mut(&service) else {
@@ -570,9 +606,19 @@ pub async fn watch(
 ) -> anyhow::Result<()> {
     use std::io::{IsTerminal, Write};
     let terminal = std::io::stdout().is_terminal();
-    let mut before = scraper.read().await?;
-    let mut drawn = 0;
     tokio::pin!(stop);
+    // The first reading is the baseline: until it works, say why and try again.
+    let mut before = loop {
+        match scraper.read().await {
+            Ok(reading) => break reading,
+            Err(e) => eprintln!("warning: {e:#}"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(window) => {}
+            () = &mut stop => return Ok(()),
+        }
+    };
+    let mut drawn = 0;
     loop {
         tokio::select! {
             () = tokio::time::sleep(window) => {}

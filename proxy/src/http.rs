@@ -160,8 +160,9 @@ async fn handle(
         }
         if let Err(e) = authorize(&snapshot, conn.peer_identity.as_deref()) {
             proxy.metrics.denied();
+            let resp = respond::error_response(&e, grpc);
             if let Some(metrics) = &metrics {
-                metrics.record(conn.direction, e.status(), started.elapsed());
+                record(metrics, conn.direction, grpc, &resp, started.elapsed());
             }
             if let (Some(span), ProxyError::Forbidden { identity, .. }) = (span, &e) {
                 span.event(
@@ -173,7 +174,7 @@ async fn handle(
                 );
                 span.finish(e.status(), None);
             }
-            return Ok(respond::error_response(&e, grpc));
+            return Ok(resp);
         }
         headers::append_forwarded_for(&mut parts.headers, conn.client.ip());
         parts.headers.remove(CLIENT_ID_HEADER);
@@ -234,7 +235,7 @@ async fn handle(
         }
     };
     if let Some(metrics) = metrics {
-        metrics.record(conn.direction, resp.status(), started.elapsed());
+        record(&metrics, conn.direction, grpc, &resp, started.elapsed());
     }
     if let Some(span) = span {
         let endpoint = resp
@@ -244,6 +245,34 @@ async fn handle(
         span.finish(resp.status(), endpoint);
     }
     Ok(resp)
+}
+
+/// Records a request: its HTTP status and latency and, for a gRPC call that failed on the
+/// server's side (a `grpc-status` in the headers, as in every trailers-only error answer),
+/// a gRPC error.
+fn record(
+    metrics: &crate::metrics::RouteMetrics,
+    direction: Direction,
+    grpc: bool,
+    resp: &Response<Body>,
+    latency: std::time::Duration,
+) {
+    metrics.record(direction, resp.status(), latency);
+    if grpc
+        && resp
+            .headers()
+            .get("grpc-status")
+            .is_some_and(|status| grpc_server_error(status.as_bytes()))
+    {
+        metrics.grpc_error(direction);
+    }
+}
+
+/// The gRPC codes that map to HTTP 5xx: UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL,
+/// UNAVAILABLE, DATA_LOSS. The others are the caller's (NOT_FOUND, INVALID_ARGUMENT, ...) or
+/// backpressure (RESOURCE_EXHAUSTED), like HTTP 4xx, and do not count against a service.
+fn grpc_server_error(status: &[u8]) -> bool {
+    matches!(status, b"2" | b"4" | b"12" | b"13" | b"14" | b"15")
 }
 
 /// The request's span, when tracing is on: named after the route that matched (inbound, the

@@ -105,6 +105,7 @@ pub struct Metrics {
     identity_renewals: Family<ResultLabels, Counter>,
     inbound_clients: Family<ClientLabels, Counter>,
     denied: Counter,
+    grpc_errors: Family<RouteLatencyLabels, Counter>,
     pub spans: crate::trace::Counters,
 }
 
@@ -129,9 +130,11 @@ struct DirectionMetrics {
     route: String,
     requests: Family<RouteLabels, Counter>,
     latency_family: HistogramFamily<RouteLatencyLabels>,
+    grpc_errors_family: Family<RouteLatencyLabels, Counter>,
     /// Indexed by status class: 1xx .. 5xx.
     by_class: [OnceLock<Counter>; 5],
     latency: OnceLock<Histogram>,
+    grpc_errors: OnceLock<Counter>,
 }
 
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
@@ -230,6 +233,15 @@ impl Metrics {
             "Inbound requests refused with 403 by the service's authorization policy",
             denied.clone(),
         );
+        let grpc_errors = Family::<RouteLatencyLabels, Counter>::default();
+        registry.register(
+            "grpc_errors",
+            "gRPC calls that failed on the server's side (UNKNOWN, DEADLINE_EXCEEDED, \
+             UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS: the codes that map to HTTP 5xx) \
+             with the status in the response headers, as in every trailers-only error answer; \
+             counted in requests by their HTTP status, usually 200",
+            grpc_errors.clone(),
+        );
         let spans_exported = Counter::default();
         registry.register(
             "spans_exported",
@@ -265,6 +277,7 @@ impl Metrics {
             identity_renewals,
             inbound_clients,
             denied,
+            grpc_errors,
             requests,
             latency,
             open_connections,
@@ -312,8 +325,10 @@ impl Metrics {
                 route: route.to_string(),
                 requests: self.requests.clone(),
                 latency_family: self.latency.clone(),
+                grpc_errors_family: self.grpc_errors.clone(),
                 by_class: Default::default(),
                 latency: OnceLock::new(),
+                grpc_errors: OnceLock::new(),
             })
         };
         RouteMetrics {
@@ -409,6 +424,25 @@ impl Default for Metrics {
 }
 
 impl RouteMetrics {
+    /// A gRPC call that failed with a `grpc-status` in the response headers.
+    pub fn grpc_error(&self, direction: Direction) {
+        let m = match direction {
+            Direction::Outbound => &self.outbound,
+            Direction::Inbound => &self.inbound,
+        };
+        m.grpc_errors
+            .get_or_init(|| {
+                m.grpc_errors_family
+                    .get_or_create(&RouteLatencyLabels {
+                        direction: m.direction.as_str(),
+                        service: m.service.clone(),
+                        route: m.route.clone(),
+                    })
+                    .clone()
+            })
+            .inc();
+    }
+
     pub fn record(&self, direction: Direction, status: http::StatusCode, latency: Duration) {
         let m = match direction {
             Direction::Outbound => &self.outbound,

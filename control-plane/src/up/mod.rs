@@ -73,14 +73,16 @@ fn config_path(args: &UpArgs) -> anyhow::Result<(PathBuf, String)> {
     std::fs::create_dir_all(&folder)
         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", folder.display()))?;
     let file = folder.join("demo.yaml");
-    let note = match std::fs::read_to_string(&file) {
-        Ok(text) if text == DEMO_YAML => "the demo".to_string(),
+    let note = match std::fs::read(&file) {
+        Ok(text) if text == DEMO_YAML.as_bytes() => "the demo".to_string(),
         Ok(_) => "your edited copy of the demo; delete it to start again from the demo".into(),
-        Err(_) => {
+        // Only a missing file is written: an unreadable one is the operator's to fix.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             std::fs::write(&file, DEMO_YAML)
                 .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", file.display()))?;
             "the demo".into()
         }
+        Err(e) => anyhow::bail!("cannot read {}: {e}", file.display()),
     };
     Ok((folder, format!("{} ({note})", file.display())))
 }
@@ -219,6 +221,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     if args.netns {
         return netns::run(args).await;
     }
+    let signal = stop_signals()?;
     // The control plane's CA and join token live in a scratch folder, gone at exit.
     let scratch = tempfile::tempdir()?;
     let (config, config_name) = config_path(&args)?;
@@ -388,7 +391,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let outcome = tokio::select! {
         total = load => total.map(|t| say(&format!("total: {t}"))),
         shown = table => shown,
-        () = server::shutdown_signal() => Ok(()),
+        () = signal => Ok(()),
     };
     let _ = stop_tx.send(true);
     for task in [users_task, orders_task] {
@@ -402,6 +405,23 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     spans.finish().await;
     say("stopped");
     outcome
+}
+
+/// Resolves on Ctrl-C, SIGTERM or SIGHUP (a closed terminal). The handlers are installed when
+/// this is called, not when the future is first polled, so a signal during start-up is not
+/// lost to the default action (which would skip every clean-up).
+pub(crate) fn stop_signals() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut hangup = signal(SignalKind::hangup())?;
+    Ok(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+            _ = hangup.recv() => {}
+        }
+    })
 }
 
 /// A last line for the operator; a closed stdout (`sidemesh up | head`) is not worth a panic

@@ -213,16 +213,11 @@ impl Process {
     ) -> anyhow::Result<Process> {
         let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &ns(pod)]);
+        // --pdeathsig: if `sidemesh up` itself is killed (SIGKILL, a crash), its workloads get
+        // SIGTERM instead of living on; the next start removes the namespaces.
+        cmd.args(["netns", "exec", &ns(pod), "setpriv", "--pdeathsig", "TERM"]);
         if as_proxy {
-            cmd.args([
-                "setpriv",
-                "--reuid",
-                PROXY_UID,
-                "--regid",
-                PROXY_UID,
-                "--clear-groups",
-            ]);
+            cmd.args(["--reuid", PROXY_UID, "--regid", PROXY_UID, "--clear-groups"]);
         }
         cmd.arg(program)
             .args(args)
@@ -282,19 +277,26 @@ async fn wait_ready(url: &str, what: &str, logs: &Path, timeout: Duration) -> an
     }
 }
 
-pub async fn run(args: UpArgs) -> anyhow::Result<()> {
-    let bin_dir = std::env::current_exe()?
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    preflight(&bin_dir)?;
-    let (config, config_name) = config_path(&args)?;
-    let mesh = sidemesh_config::load(&config)?;
-    let logs = args.state_dir.join("logs");
-    std::fs::create_dir_all(&logs)?;
-    // The control plane's data (CA, join token) is read by the proxies' uid.
-    let scratch = tempfile::tempdir()?;
-    let network = Network::create()?;
+/// Everything `--netns` runs, once it has started.
+struct Started {
+    processes: Vec<Process>,
+    loadgen: Process,
+    cp_task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    cp_grpc: SocketAddr,
+    cp_admin: SocketAddr,
+    stop_tx: watch::Sender<bool>,
+    spans: Spans,
+}
+
+/// Starts the control plane, the span collector, then each pod: init rules, proxy, app, and
+/// the load generator last.
+async fn start(
+    args: &UpArgs,
+    bin_dir: &Path,
+    scratch: &Path,
+    config: &Path,
+    logs: &Path,
+) -> anyhow::Result<Started> {
     let host: IpAddr = format!("{SUBNET}.254").parse()?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -304,9 +306,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let spans = Spans::start(&args, host).await?;
     let otlp = spans.endpoint.clone();
 
-    let data_dir = scratch.path().join("control-plane");
+    let data_dir = scratch.join("control-plane");
     let cp = crate::server::build(control_plane_args(
-        config.clone(),
+        config.to_path_buf(),
         SocketAddr::new(host, 0),
         args.control_plane_admin,
         data_dir.clone(),
@@ -317,7 +319,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     // Let the proxies' uid through the scratch folder to the join token (it is not secret
     // from root, who runs all of this).
     let token = data_dir.join("join-token");
-    for dir in [scratch.path(), data_dir.as_path()] {
+    for dir in [scratch, data_dir.as_path()] {
         sh(&["chmod", "a+rx", &dir.display().to_string()])?;
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -331,7 +333,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     sh(&["chmod", "a+r", &token.display().to_string()])?;
 
     let mut processes = Vec::new();
-    let proxy_bin = bin_dir.join("sidemesh-proxy");
+    let proxy_bin = scratch.join("sidemesh-proxy");
+    std::fs::copy(bin_dir.join("sidemesh-proxy"), &proxy_bin)
+        .map_err(|e| anyhow::anyhow!("cannot copy sidemesh-proxy to {}: {e}", scratch.display()))?;
+    sh(&["chmod", "a+rx", &proxy_bin.display().to_string()])?;
     let otlp_args = |otlp: &Option<String>| -> Vec<String> {
         otlp.iter()
             .flat_map(|o| ["--otlp-endpoint".to_string(), o.clone()])
@@ -379,14 +384,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             true,
             &proxy_bin,
             &proxy_args,
-            &logs,
+            logs,
         )?);
     }
     for pod in &PODS {
         wait_ready(
             &format!("http://{}:15020/ready", pod.ip),
             &format!("{}'s proxy", pod.service),
-            &logs,
+            logs,
             Duration::from_secs(20),
         )
         .await?;
@@ -425,7 +430,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             false,
             &bin_dir.join(program),
             &app_args,
-            &logs,
+            logs,
         )?);
     }
     // Strict mTLS refuses plaintext from the host, so the apps' readiness is their log line.
@@ -453,14 +458,60 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         load_args.extend(["--duration".into(), format!("{}ms", d.as_millis())]);
     }
     load_args.extend(otlp_args(&otlp));
-    let mut loadgen = Process::spawn(
+    let loadgen = Process::spawn(
         "loadgen",
         &PODS[2],
         false,
         &bin_dir.join("loadgen"),
         &load_args,
-        &logs,
+        logs,
     )?;
+
+    Ok(Started {
+        processes,
+        loadgen,
+        cp_task,
+        cp_grpc,
+        cp_admin,
+        stop_tx,
+        spans,
+    })
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    // Signal handlers first: from here on Ctrl-C, SIGTERM or a closed terminal clean up.
+    let signal = super::stop_signals()?;
+    tokio::pin!(signal);
+    let bin_dir = std::env::current_exe()?
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    preflight(&bin_dir)?;
+    let (config, config_name) = config_path(&args)?;
+    let mesh = sidemesh_config::load(&config)?;
+    let logs = args.state_dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    // The control plane's data (CA, join token) and a copy of the proxy binary, readable by
+    // the proxies' uid wherever `sidemesh` itself lives (say, under a 0700 home).
+    let scratch = tempfile::tempdir()?;
+    let network = Network::create()?;
+    let started = tokio::select! {
+        started = start(&args, &bin_dir, scratch.path(), &config, &logs) => started?,
+        () = &mut signal => {
+            // The half-started mesh is dropped: its processes are killed, and `network`
+            // removes the namespaces on the way out.
+            anyhow::bail!("interrupted while starting; what had started is stopped and removed");
+        }
+    };
+    let Started {
+        processes,
+        mut loadgen,
+        cp_task,
+        cp_grpc,
+        cp_admin,
+        stop_tx,
+        spans,
+    } = started;
 
     println!(
         "Sidemesh up --netns: a network namespace per pod, transparent interception, mutual TLS"
@@ -513,7 +564,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             Err(e) => Err(e.into()),
         },
         shown = table => shown,
-        () = sidemesh_demo::server::shutdown_signal() => Ok(()),
+        () = &mut signal => Ok(()),
     };
     // Callers first, so nothing is cut off mid-request; then the apps, the proxies, the
     // control plane, and the collector last so the final spans are kept.
