@@ -303,7 +303,7 @@ async fn start(
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let spans = Spans::start(&args, host).await?;
+    let spans = Spans::start(args, host).await?;
     let otlp = spans.endpoint.clone();
 
     let data_dir = scratch.join("control-plane");
