@@ -76,6 +76,44 @@ def rss_kib(pid, field="VmRSS"):
     return 0
 
 
+def pss_kib(pids):
+    """Proportional set size of `pids`, summed: a page shared by several processes (nginx's master
+    and worker, the C library) counts once across them, where RSS would count it in each."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
+
+
+class PeakMemory:
+    """Samples the PSS of `pids` every 100 ms while a load runs; `peak` is the highest sum seen."""
+
+    def __init__(self, pids):
+        import threading
+        self.pids, self.peak = pids, 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        while not self.done.wait(0.1):
+            self.peak = max(self.peak, pss_kib(self.pids))
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+
+
 def children(pid, timeout=5.0):
     """The processes `pid` started: an nginx master listens before it forks its worker, so wait
     for one rather than measure the master alone."""
@@ -545,16 +583,17 @@ def idle_connections(tmp, backend_port, count):
 
 
 def measure_http(kind, port, cpu_pids, mem_pids, connections, seconds, rate):
-    """One HTTP/1.1 measurement of a started topology: RSS idle (before any request), a 1 s wrk
-    warm-up, throughput and the proxies' CPU per request under wrk, peak RSS under that load, then
-    latency at a fixed rate (open loop). Failed requests abort the run: a benchmark of errors is
-    not a benchmark."""
-    idle = sum(rss_kib(p) for p in mem_pids) / 1024
+    """One HTTP/1.1 measurement of a started topology: memory idle (PSS before any request), a 1 s
+    wrk warm-up, throughput and the proxies' CPU per request under wrk, peak PSS during that load,
+    then latency at a fixed rate (open loop). Failed requests abort the run: a benchmark of errors
+    is not a benchmark."""
+    idle = pss_kib(mem_pids) / 1024
     wrk(port, 1, connections)
     cpu0 = cpu_seconds(cpu_pids)
-    rps, total, errors = wrk(port, seconds, connections)
+    with PeakMemory(mem_pids) as mem:
+        rps, total, errors = wrk(port, seconds, connections)
     cpu = cpu_seconds(cpu_pids) - cpu0
-    peak = sum(rss_kib(p, "VmHWM") for p in mem_pids) / 1024
+    peak = mem.peak / 1024
     if errors:
         raise RuntimeError(f"{kind}: {errors} failed requests under load")
     lat = latency(port, rate, seconds)
@@ -567,12 +606,13 @@ def measure_http(kind, port, cpu_pids, mem_pids, connections, seconds, rate):
 def measure_grpc(kind, port, cpu_pids, mem_pids, body_file, requests, seconds, rate):
     """The same for gRPC: h2load throughput (4 connections, 16 streams each) and CPU, then unary-call
     latency at a fixed rate over HTTP/2 with bench-latency --grpc-body."""
-    idle = sum(rss_kib(p) for p in mem_pids) / 1024
+    idle = pss_kib(mem_pids) / 1024
     h2load(port, 2000, body_file)
     cpu0 = cpu_seconds(cpu_pids)
-    rps, ok = h2load(port, requests, body_file)
+    with PeakMemory(mem_pids) as mem:
+        rps, ok = h2load(port, requests, body_file)
     cpu = cpu_seconds(cpu_pids) - cpu0
-    peak = sum(rss_kib(p, "VmHWM") for p in mem_pids) / 1024
+    peak = mem.peak / 1024
     if ok < requests:
         raise RuntimeError(f"grpc {kind}: {requests - ok} failed calls under load")
     lat = latency(port, rate, seconds, path="demo.users.v1.UserService/GetUser", grpc_body=body_file)
@@ -606,7 +646,7 @@ def record(res, kind, m, rnd, label=""):
     for key, value in m.items():
         res[kind].setdefault(key, []).append(value)
     print(f"round {rnd} {label}{kind:26} {m['rps']:9.0f} req/s  cpu {m['cpu_us']:7.1f} us/req  "
-          f"p50 {m['p50']} us  p99 {m['p99']} us  p99.9 {m['p999']} us  rss {m['rss_idle']:.1f}/{m['rss_load']:.1f} MiB",
+          f"p50 {m['p50']} us  p99 {m['p99']} us  p99.9 {m['p999']} us  pss {m['rss_idle']:.1f}/{m['rss_load']:.1f} MiB",
           flush=True)
 
 
@@ -900,12 +940,13 @@ def per_round(res, a, b, key, op=lambda x, y: x / y):
 
 def suite_table(res, args):
     rows = ["| topology | req/s | vs direct | CPU s per 1000 req | vs nginx mTLS pair | vs HAProxy mTLS pair "
-            "| p50 us | p99 us | p99.9 us | added p50 us | RSS per proxy idle MiB | under load MiB |",
+            "| p50 us | p99 us | p99.9 us | added p50 us | memory per proxy idle MiB | under load MiB |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind in SUITE_KINDS:
         r = res[kind]
         proxied = kind != "direct"
-        # Pairs: the figure per proxy is half the pair's (nginx: master and worker together).
+        # Pairs: the figure per proxy is half the pair's (nginx: master and worker together;
+        # PSS, so the pages they share count once).
         rss_idle = [v / 2 for v in r["rss_idle"]]
         rss_load = [v / 2 for v in r["rss_load"]]
         cpu_s = [v / 1000 for v in r["cpu_us"]]
@@ -941,7 +982,9 @@ def write_suite(args, http, grpc):
              "### HTTP/1.1", "",
              f"Throughput: `wrk -t1 -c{args.connections} -d{args.seconds}s` (the maximum at that many connections). "
              f"Latency: `bench-latency --rate {args.rate}` for {args.seconds}s, open loop, measured from each request's "
-             "scheduled time. RSS idle: before the first request; under load: peak during wrk.", ""]
+             "scheduled time. Memory is PSS (proportional set size: pages shared between processes, such as "
+             "nginx's master and worker, count once), idle before the first request and at its peak "
+             "during wrk, sampled every 100 ms.", ""]
     lines += suite_table(http, args)
     lines += ["", "### gRPC", "",
               f"Throughput: `h2load -n {args.grpc_requests} -c 4 -m 16` of `demo.users.v1.UserService/GetUser`. "
@@ -972,7 +1015,7 @@ def write_suite(args, http, grpc):
               f"{h('sidemesh-2-mtls', 'direct', 'rps')[0]:.2f}x, nginx {h('nginx-2-mtls', 'direct', 'rps')[0]:.2f}x, "
               f"HAProxy {h('haproxy-2-mtls', 'direct', 'rps')[0]:.2f}x (gRPC: {g('sidemesh-2-mtls', 'direct', 'rps')[0]:.2f}x, "
               f"{g('nginx-2-mtls', 'direct', 'rps')[0]:.2f}x, {g('haproxy-2-mtls', 'direct', 'rps')[0]:.2f}x).",
-              f"- **Memory**: {full_rss:.1f} MiB peak RSS per Sidemesh proxy under load with every policy on "
+              f"- **Memory**: {full_rss:.1f} MiB peak PSS per Sidemesh proxy under load with every policy on "
               f"(idle {statistics.median(http['sidemesh-2-mtls-full']['rss_idle']) / 2:.1f} MiB).",
               f"- **Policies**: mTLS with retries, a rate limit and 1 % tracing costs "
               f"{h('sidemesh-2-mtls-full', 'sidemesh-2-mtls')[0]:.2f}x the CPU per request of bare mTLS, which costs "
@@ -1077,7 +1120,7 @@ def write_report(args, results, grpc, idle_before, idle_after):
     w(f"Throughput: `wrk -t1 -c{args.connections} -d{args.seconds}s`. Latency: `bench-latency --rate {args.rate}` "
       "(open loop, measured from each request's scheduled time).")
     w("")
-    w("| topology | req/s | vs direct | CPU us/req | cores at 1000 req/s | p50 us | p99 us | p99.9 us | added p50 us | added p99 us | RSS idle MiB | RSS peak MiB |")
+    w("| topology | req/s | vs direct | CPU us/req | cores at 1000 req/s | p50 us | p99 us | p99.9 us | added p50 us | added p99 us | PSS idle MiB | PSS peak MiB |")
     w("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for kind, r in results.items():
         ratio = [a / b for a, b in zip(r["rps"], direct["rps"])]
@@ -1103,7 +1146,7 @@ def write_report(args, results, grpc, idle_before, idle_after):
       f"**{statistics.median([a - b for a, b in zip(sm['p50'], direct['p50'])]):.0f} us** at the median over a direct "
       f"call at {args.rate} req/s (p99: {statistics.median(sm['p99']):.0f} us against {statistics.median(direct['p99']):.0f} us "
       "direct; at this rate the p99 of both is dominated by the shared machine's noise, see the spread), with "
-      f"{statistics.median(sm['rss_load']) / 2:.1f} MiB peak RSS per proxy.")
+      f"{statistics.median(sm['rss_load']) / 2:.1f} MiB peak PSS per proxy.")
     w("")
     w("### gRPC")
     w("")
