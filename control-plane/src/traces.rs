@@ -407,8 +407,14 @@ pub fn print(args: &TracesArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let skip = all.len().saturating_sub(args.last);
+    let mut out = std::io::stdout().lock();
     for trace in &all[skip..] {
-        println!("{}", render(trace));
+        match writeln!(out, "{}", render(trace)) {
+            Ok(()) => {}
+            // `sidemesh traces | head`: the reader has seen enough.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(())
 }

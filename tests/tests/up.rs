@@ -297,6 +297,28 @@ fn a_bounded_run_sends_traffic_over_mtls_and_keeps_its_traces() {
         trace.contains("from spiffe://cluster.local/ns/demo/sa/order-service"),
         "user-service's proxy saw order-service's mTLS identity:\n{trace}"
     );
+
+    // `sidemesh traces | head -1`: a reader that stops early is not an error. All of the run's
+    // traces (about 80, some 80 KiB) overflow the pipe, so the writer is still writing when
+    // the reader goes.
+    let mut early = Command::new(bin("sidemesh"))
+        .args(["traces", "-n", "1000", "--file"])
+        .arg(state.path().join("traces.jsonl"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("sidemesh traces");
+    let mut first = String::new();
+    BufReader::new(early.stdout.take().expect("stdout"))
+        .read_line(&mut first)
+        .expect("a first line");
+    assert!(first.starts_with("trace "), "{first}");
+    let done = early.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert!(
+        done.status.success() && !stderr.contains("panicked"),
+        "{stderr}"
+    );
 }
 
 #[test]
