@@ -622,9 +622,12 @@ def measure_grpc(kind, port, cpu_pids, mem_pids, body_file, requests, seconds, r
             "p99": lat["p99_us"], "p999": lat["p999_us"], "rss_idle": idle, "rss_load": peak}
 
 
-def interleave(args, tmp, http_res, http_kinds, http_port, grpc_res, grpc_kinds, grpc_port, body_file):
+def interleave(args, tmp, http_res, http_kinds, http_port, grpc_res=None, grpc_kinds=(), grpc_port=None,
+               body_file=None, load=None, after=None):
     """Runs every round: each HTTP/1.1 topology in turn against `http_port`, then each gRPC one
-    against `grpc_port`, a fresh start for every measurement."""
+    against `grpc_port`, a fresh start for every measurement. `load(kind)` gives the HTTP
+    (connections, rate) when a topology needs other than the arguments'; `after(kind)` runs once
+    a topology has stopped."""
     for rnd in range(1, args.rounds + 1):
         for proto, res, kinds, port in (("http", http_res, http_kinds, http_port),
                                         ("grpc", grpc_res, grpc_kinds, grpc_port)):
@@ -633,13 +636,25 @@ def interleave(args, tmp, http_res, http_kinds, http_port, grpc_res, grpc_kinds,
                 try:
                     front, cpu_pids, mem_pids = start_with_retry(kind, procs, tmp, port, grpc=proto == "grpc")
                     if proto == "http":
-                        m = measure_http(kind, front, cpu_pids, mem_pids, args.connections, args.seconds, args.rate)
+                        connections, rate = load(kind) if load else (args.connections, args.rate)
+                        m = measure_http(kind, front, cpu_pids, mem_pids, connections, args.seconds, rate)
                     else:
                         m = measure_grpc(kind, front, cpu_pids, mem_pids, body_file, args.grpc_requests, args.seconds,
                                          args.rate)
                     record(res, kind, m, rnd, proto + " ")
                 finally:
                     procs.stop()
+                    if after:
+                        after(kind)
+
+
+def nginx_backend(tmp):
+    """The HTTP/1.1 backend every topology fronts: nginx answering `200 ok`, on the server core."""
+    backend = Procs(tmp)
+    port = free_port()
+    backend.start(["nginx", "-c", nginx_conf(tmp, "backend", port), "-p", tmp], name="backend")
+    wait_port(port)
+    return backend, port
 
 
 def record(res, kind, m, rnd, label=""):
@@ -699,20 +714,9 @@ def policies(args):
     tmp = tempfile.mkdtemp(prefix="sidemesh-bench-")
     kinds = ["direct", "sidemesh-1", "sidemesh-1-policies"]
     res = {k: {} for k in kinds}
-    backend = Procs(tmp)
-    backend_port = free_port()
-    backend.start(["nginx", "-c", nginx_conf(tmp, "backend", backend_port), "-p", tmp], name="backend")
-    wait_port(backend_port)
+    backend, backend_port = nginx_backend(tmp)
     try:
-        for rnd in range(1, args.rounds + 1):
-            for kind in kinds:
-                procs = Procs(tmp)
-                try:
-                    port, cpu_pids, _ = start_with_retry(kind, procs, tmp, backend_port)
-                    record(res, kind, measure_http(kind, port, cpu_pids, [], args.connections, args.seconds,
-                                                   args.rate), rnd)
-                finally:
-                    procs.stop()
+        interleave(args, tmp, res, kinds, backend_port)
     finally:
         backend.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -757,21 +761,10 @@ def tracing(args):
     collector (rotel, discarding what it receives)."""
     tmp = tempfile.mkdtemp(prefix="sidemesh-bench-")
     res = {k: {} for k in TRACE_KINDS}
-    backend = Procs(tmp)
-    backend_port = free_port()
-    backend.start(["nginx", "-c", nginx_conf(tmp, "backend", backend_port), "-p", tmp], name="backend")
-    start_collector(backend, tmp)
-    wait_port(backend_port)
+    backend, backend_port = nginx_backend(tmp)
     try:
-        for rnd in range(1, args.rounds + 1):
-            for kind in TRACE_KINDS:
-                procs = Procs(tmp)
-                try:
-                    port, cpu_pids, _ = start_with_retry(kind, procs, tmp, backend_port)
-                    record(res, kind, measure_http(kind, port, cpu_pids, [], args.connections, args.seconds,
-                                                   args.rate), rnd)
-                finally:
-                    procs.stop()
+        start_collector(backend, tmp)
+        interleave(args, tmp, res, TRACE_KINDS, backend_port)
     finally:
         backend.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -805,25 +798,14 @@ def mtls(args):
     tmp = tempfile.mkdtemp(prefix="sidemesh-bench-")
     kinds = MTLS_KINDS + NOREUSE_KINDS
     res = {k: {} for k in kinds}
-    backend = Procs(tmp)
-    backend_port = free_port()
-    backend.start(["nginx", "-c", nginx_conf(tmp, "backend", backend_port), "-p", tmp], name="backend")
-    wait_port(backend_port)
+    backend, backend_port = nginx_backend(tmp)
+    # Without reuse every request is a handshake: fewer connections and a lower rate, or the
+    # pair saturates one core (and ephemeral ports) long before the proxies matter; and a pause
+    # after each, to let TIME_WAIT sockets age a little.
     try:
-        for rnd in range(1, args.rounds + 1):
-            for kind in kinds:
-                noreuse = kind in NOREUSE_KINDS
-                # Without reuse every request is a handshake: fewer connections and a lower rate,
-                # or the pair saturates one core (and ephemeral ports) long before the proxies matter.
-                connections, rate = (8, 200) if noreuse else (args.connections, args.rate)
-                procs = Procs(tmp)
-                try:
-                    port, cpu_pids, _ = start_with_retry(kind, procs, tmp, backend_port)
-                    record(res, kind, measure_http(kind, port, cpu_pids, [], connections, args.seconds, rate), rnd)
-                finally:
-                    procs.stop()
-                    if noreuse:
-                        time.sleep(2)  # let TIME_WAIT sockets of the last run age a little
+        interleave(args, tmp, res, kinds, backend_port,
+                   load=lambda kind: (8, 200) if kind in NOREUSE_KINDS else (args.connections, args.rate),
+                   after=lambda kind: time.sleep(2) if kind in NOREUSE_KINDS else None)
     finally:
         backend.stop()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -130,32 +130,27 @@ pub fn chain_rules(args: &InitArgs) -> Vec<Rule> {
     for cidr in &args.skip_outbound_cidrs {
         rules.push(rule(&["-A", OUTBOUND_CHAIN, "-d", cidr, "-j", "RETURN"]));
     }
-    for port in &args.skip_outbound_ports {
-        rules.push(rule(&[
+    // A port left alone: its traffic returns from the chain before the redirect.
+    let skip_port = |chain: &str, port: &u16| {
+        rule(&[
             "-A",
-            OUTBOUND_CHAIN,
+            chain,
             "-p",
             "tcp",
             "--dport",
             &port.to_string(),
             "-j",
             "RETURN",
-        ]));
+        ])
+    };
+    for port in &args.skip_outbound_ports {
+        rules.push(skip_port(OUTBOUND_CHAIN, port));
     }
     rules.push(rule(&["-A", OUTBOUND_CHAIN, "-j", OUTBOUND_REDIRECT]));
     let mut skipped_inbound = vec![args.admin_port];
     skipped_inbound.extend(&args.skip_inbound_ports);
-    for port in skipped_inbound {
-        rules.push(rule(&[
-            "-A",
-            INBOUND_CHAIN,
-            "-p",
-            "tcp",
-            "--dport",
-            &port.to_string(),
-            "-j",
-            "RETURN",
-        ]));
+    for port in &skipped_inbound {
+        rules.push(skip_port(INBOUND_CHAIN, port));
     }
     rules.push(rule(&["-A", INBOUND_CHAIN, "-j", INBOUND_REDIRECT]));
     rules

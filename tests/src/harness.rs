@@ -165,6 +165,13 @@ impl Proc {
         self.child.id()
     }
 
+    /// A proxy's `/config_dump` (from its `admin` listener) as JSON; `None` while it does not
+    /// answer, so callers can poll it with `eventually`.
+    pub async fn config_dump(&self) -> Option<serde_json::Value> {
+        let url = format!("http://{}/config_dump", self.listener("admin"));
+        Some(http(Method::GET, &url, None, &[]).await.ok()?.json())
+    }
+
     /// Sends a signal by name (`TERM`, `INT`) with the system `kill`.
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")

@@ -5,9 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use http::Method;
-
-use crate::{Proc, eventually, http};
+use crate::{Proc, eventually};
 
 /// A control plane with its CA in a temporary folder, and helpers to start proxies.
 #[derive(Debug)]
@@ -94,20 +92,11 @@ impl Mesh {
     /// Waits until `caller` routes `service` to `callee`'s inbound listener as a meshed endpoint.
     pub async fn wait_meshed(&self, caller: &Proc, service: &str, callee: &Proc) {
         let inbound = callee.listener("inbound").to_string();
-        let admin = caller.listener("admin");
         eventually(
             &format!("{service} meshed at {inbound} in the caller's config"),
             Duration::from_secs(10),
             || async {
-                let dump = http(
-                    Method::GET,
-                    &format!("http://{admin}/config_dump"),
-                    None,
-                    &[],
-                )
-                .await
-                .ok()?
-                .json();
+                let dump = caller.config_dump().await?;
                 let found = dump["endpoints"]
                     .as_array()?
                     .iter()

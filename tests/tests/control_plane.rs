@@ -442,15 +442,7 @@ async fn a_control_plane_outage_fails_no_request_and_a_restarted_proxy_serves_fr
 
 /// The rate of `service`'s inbound limit in a proxy's pushed view.
 async fn inbound_rate(proxy: &Proc, service: &str) -> Option<String> {
-    let dump = http(
-        Method::GET,
-        &format!("http://{}/config_dump", proxy.listener("admin")),
-        None,
-        &[],
-    )
-    .await
-    .ok()?
-    .json();
+    let dump = proxy.config_dump().await?;
     dump["config"]["mesh"]["services"]
         .as_array()?
         .iter()

@@ -268,16 +268,8 @@ async fn proxies_talk_mutual_tls_and_plaintext_is_refused_in_strict_mode() {
     );
 
     // The proxies' certificates and expiry are visible; the key is not.
-    let admin = user_proxy.listener("admin");
-    let dump = http(
-        Method::GET,
-        &format!("http://{admin}/config_dump"),
-        None,
-        &[],
-    )
-    .await
-    .expect("dump");
-    let identity = &dump.json()["identity"];
+    let dump = user_proxy.config_dump().await.expect("dump");
+    let identity = &dump["identity"];
     assert_eq!(
         identity["identity"],
         "spiffe://cluster.local/ns/demo/sa/user-service"
@@ -286,7 +278,10 @@ async fn proxies_talk_mutual_tls_and_plaintext_is_refused_in_strict_mode() {
         identity["not_after_unix"].as_u64().unwrap_or(0) > 0,
         "{identity}"
     );
-    assert!(!dump.body.contains("PRIVATE KEY"), "no key in the dump");
+    assert!(
+        !dump.to_string().contains("PRIVATE KEY"),
+        "no key in the dump"
+    );
     assert!(
         metric(&m, "sidemesh_identity_cert_expiry_timestamp_seconds") > 1.7e9,
         "{m}"

@@ -169,20 +169,11 @@ async fn service_account_tokens_are_checked_with_the_tokenreview_api() {
     // The token the API server vouches for, asking for its own service account: certified.
     let good = write(dir.path(), "order-token", ORDER_TOKEN);
     let order = proxy(cp, "order-service", &good, app.addr, "ready");
-    let admin = order.listener("admin");
     let dump = eventually(
         "order-service's proxy certified",
         Duration::from_secs(10),
         || async {
-            let d = http(
-                Method::GET,
-                &format!("http://{admin}/config_dump"),
-                None,
-                &[],
-            )
-            .await
-            .ok()?
-            .json();
+            let d = order.config_dump().await?;
             d["identity"]["identity"].is_string().then_some(d)
         },
     )

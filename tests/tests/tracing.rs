@@ -394,20 +394,12 @@ async fn http_export_b3_and_a_pushed_sampling_ratio() {
     let tmp = mesh.path("config/.mesh.yaml.tmp");
     std::fs::write(&tmp, yaml("1.0")).expect("write");
     std::fs::rename(&tmp, &config).expect("rename");
-    let admin = caller.listener("admin");
     eventually(
         "the new sampling ratio applied",
         Duration::from_secs(10),
         || async {
-            let dump = http(
-                Method::GET,
-                &format!("http://{admin}/config_dump"),
-                None,
-                &[],
-            )
-            .await
-            .ok()?
-            .body;
+            let dump = caller.config_dump().await?;
+            let dump = serde_json::to_string_pretty(&dump).ok()?;
             dump.contains("\"sampling\": 1.0").then_some(())
         },
     )
