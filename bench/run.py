@@ -440,7 +440,8 @@ def start_sidemesh_mtls(procs, tmp, backend_port, reuse, full=False):
                  "--listen", f"127.0.0.1:{grpc}", "--admin", f"127.0.0.1:{cp_admin}", "--log-format", "text"],
                 name="control-plane")
     wait_port(grpc)
-    cp = ["--control-plane", f"http://127.0.0.1:{grpc}", "--join-token-file", os.path.join(data, "join-token"),
+    cp = ["--control-plane", f"https://127.0.0.1:{grpc}", "--trust-bundle", os.path.join(data, "trust-bundle.pem"),
+          "--join-token-file", os.path.join(data, "join-token"),
           "--outbound", "127.0.0.1:0", "--log-format", "text"]
     front, inbound, admin_a = free_port(), free_port(), free_port()
     b = procs.start([os.path.join(REL, "sidemesh-proxy"), "--service", "backend", *cp, "--proxy-id", "b",

@@ -133,6 +133,14 @@ impl Authority {
         &self.roots
     }
 
+    /// The trust bundle as PEM: what proxies pin for the control plane and verify peers with.
+    pub fn roots_pem(&self) -> String {
+        self.roots
+            .iter()
+            .map(|c| ::pem::encode(&::pem::Pem::new("CERTIFICATE", c.to_vec())))
+            .collect()
+    }
+
     /// Signs a certificate for `spiffe://<trust_domain>/ns/<namespace>/sa/<service_account>`
     /// with the public key of `csr`. Nothing else from the request is used.
     pub fn sign(

@@ -39,6 +39,8 @@ pub struct InjectConfig {
     pub control_plane: String,
     /// Put the proxy among the containers (clusters older than 1.29).
     pub legacy_sidecar: bool,
+    /// The mesh's trust bundle (PEM), which the proxy pins for the control plane.
+    pub trust_bundle: Option<String>,
 }
 
 impl Default for InjectConfig {
@@ -47,6 +49,7 @@ impl Default for InjectConfig {
             image: format!("ghcr.io/sidemesh/proxy:{}", env!("CARGO_PKG_VERSION")),
             control_plane: "http://sidemesh-control-plane.sidemesh-system.svc:15010".into(),
             legacy_sidecar: false,
+            trust_bundle: None,
         }
     }
 }

@@ -8,6 +8,7 @@
 //! - `hub`: revisions (config + endpoints) that proxy streams watch.
 //! - `discovery`: the gRPC stream with each proxy.
 //! - `ca`: the certificate authority (generated root or mounted files).
+//! - `serving`: the control plane's own TLS certificate (proxies' API, webhook), renewed.
 //! - `identity`: the gRPC identity service: credential check, then a signed certificate.
 //! - `inject`: `sidemesh inject`, the proxy added to pod templates (also the webhook's patch).
 //! - `webhook`: the mutating admission webhook (AdmissionReview v1, JSONPatch, TLS).
@@ -31,9 +32,11 @@ pub mod endpointslices;
 pub mod hub;
 pub mod identity;
 pub mod inject;
+pub mod k8syaml;
 pub mod metrics;
 pub mod registry;
 pub mod server;
+pub mod serving;
 pub mod stat;
 pub mod status;
 pub mod store;

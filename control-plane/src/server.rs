@@ -19,6 +19,8 @@ use crate::metrics::Metrics;
 use crate::store::Store;
 
 pub const ENV_CONFIG: &str = "SIDEMESH_CONFIG";
+/// Written to the data folder at start: the trust bundle (PEM) local proxies pin.
+pub const TRUST_BUNDLE_FILE: &str = "trust-bundle.pem";
 pub const ENV_LISTEN: &str = "SIDEMESH_CP_LISTEN";
 pub const ENV_ADMIN: &str = "SIDEMESH_CP_ADMIN";
 pub const ENV_DATA_DIR: &str = "SIDEMESH_CP_DATA_DIR";
@@ -27,6 +29,9 @@ pub const ENV_JOIN_TOKEN_FILE: &str = "SIDEMESH_JOIN_TOKEN_FILE";
 pub const ENV_CERT_LIFETIME: &str = "SIDEMESH_CERT_LIFETIME";
 pub const ENV_KUBERNETES_API: &str = "SIDEMESH_KUBERNETES_API";
 pub const ENV_WEBHOOK: &str = "SIDEMESH_WEBHOOK_LISTEN";
+pub const ENV_TLS_CERT: &str = "SIDEMESH_CP_TLS_CERT";
+pub const ENV_TLS_KEY: &str = "SIDEMESH_CP_TLS_KEY";
+pub const ENV_SERVER_NAMES: &str = "SIDEMESH_CP_SERVER_NAMES";
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -74,19 +79,27 @@ pub struct Args {
     /// Serve the mutating admission webhook (TLS) here, e.g. `0.0.0.0:15017`.
     #[arg(long, env = ENV_WEBHOOK)]
     pub webhook: Option<SocketAddr>,
-    /// The webhook's certificate and key (PEM). Default: one signed by the mesh CA for
-    /// `--webhook-dns`, so the webhook configuration's caBundle is the mesh root.
-    #[arg(long, requires = "webhook_key")]
-    pub webhook_cert: Option<PathBuf>,
-    #[arg(long, requires = "webhook_cert")]
-    pub webhook_key: Option<PathBuf>,
-    /// DNS names of the generated webhook certificate (comma-separated).
+    /// The control plane's TLS certificate (PEM chain) for the proxies' API and the webhook,
+    /// re-read when it changes. Default: one issued by the mesh CA for --server-names and
+    /// renewed, so proxies and the webhook configuration trust it through the mesh's bundle.
+    #[arg(long, env = ENV_TLS_CERT, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, env = ENV_TLS_KEY, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Names (DNS or IP) of the generated certificate, comma-separated: the names proxies
+    /// and the API server reach the control plane by.
     #[arg(
         long,
+        env = ENV_SERVER_NAMES,
         value_delimiter = ',',
-        default_value = "sidemesh-control-plane.sidemesh-system.svc"
+        default_value = crate::serving::DEFAULT_SERVER_NAMES
     )]
-    pub webhook_dns: Vec<String>,
+    pub server_names: Vec<String>,
+    /// Debugging only: serve the proxies' API without TLS. Service-account tokens, keys'
+    /// certificates and the config then cross the network in clear.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
     /// The proxy image the webhook injects.
     #[arg(long, env = "SIDEMESH_PROXY_IMAGE")]
     pub proxy_image: Option<String>,
@@ -151,44 +164,25 @@ pub enum StartError {
     Kubernetes(String),
     #[error("admission webhook: {0}")]
     Webhook(String),
+    #[error("{0}")]
+    Serving(#[from] crate::serving::ServingError),
 }
 
-/// The webhook's listener and TLS settings, when it is served.
+/// The webhook's listener and its injection settings, when it is served.
 #[derive(Debug)]
 struct Webhook {
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
     inject: Arc<crate::inject::InjectConfig>,
 }
 
 async fn webhook(args: &Args, ca: &Authority) -> Result<Option<Webhook>, StartError> {
-    use rustls_pki_types::pem::PemObject;
     let Some(addr) = args.webhook else {
         return Ok(None);
     };
-    let err = |e: &dyn std::fmt::Display| StartError::Webhook(e.to_string());
-    let (chain, key) = match (&args.webhook_cert, &args.webhook_key) {
-        (Some(cert), Some(key)) => (
-            rustls_pki_types::CertificateDer::pem_file_iter(cert)
-                .map_err(|e| err(&format!("{}: {e}", cert.display())))?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| err(&format!("{}: {e}", cert.display())))?,
-            rustls_pki_types::PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| err(&format!("{}: {e}", key.display())))?,
-        ),
-        _ => ca
-            .issue_server(&args.webhook_dns, Duration::from_secs(365 * 24 * 3600))
-            .map_err(|e| err(&e))?,
+    let mut inject = crate::inject::InjectConfig {
+        trust_bundle: Some(ca.roots_pem()),
+        ..crate::inject::InjectConfig::default()
     };
-    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| err(&e))?
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .map_err(|e| err(&e))?;
-    let mut inject = crate::inject::InjectConfig::default();
     if let Some(image) = &args.proxy_image {
         inject.image.clone_from(image);
     }
@@ -204,7 +198,6 @@ async fn webhook(args: &Args, ca: &Authority) -> Result<Option<Webhook>, StartEr
         })?;
     Ok(Some(Webhook {
         listener,
-        tls: Arc::new(tls),
         inject: Arc::new(inject),
     }))
 }
@@ -262,6 +255,9 @@ impl std::fmt::Debug for JoinToken {
 pub struct ControlPlane {
     pub hub: Arc<Hub>,
     pub ca: Arc<Authority>,
+    /// The certificate of the proxies' API and the webhook (`None` with --insecure-plaintext
+    /// and no webhook).
+    pub serving: Arc<crate::serving::ServingCert>,
     join_token: JoinToken,
     webhook: Option<Webhook>,
     #[cfg(feature = "kubernetes")]
@@ -282,10 +278,28 @@ pub async fn build(args: Args) -> Result<ControlPlane, StartError> {
         args.cert_lifetime,
     )?);
     let join_token = JoinToken(crate::identity::join_token(&args.join_token_file())?);
+    let bundle = args.data_dir.join(TRUST_BUNDLE_FILE);
+    if let Err(e) = std::fs::create_dir_all(&args.data_dir)
+        .and_then(|()| std::fs::write(&bundle, ca.roots_pem()))
+    {
+        tracing::warn!(path = %bundle.display(), error = %e, "cannot write the trust bundle for local proxies");
+    }
     // Checked at start so a bad setting fails now, not at the first certificate request.
     #[cfg_attr(not(feature = "kubernetes"), allow(unused_variables))]
     let reviewer = reviewer(&args)?;
     let webhook = webhook(&args, &ca).await?;
+    let serving = crate::serving::ServingCert::new(
+        match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => crate::serving::Source::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            _ => crate::serving::Source::Issued {
+                names: args.server_names.clone(),
+            },
+        },
+        ca.clone(),
+    )?;
     let bind = |what, addr| async move {
         TcpListener::bind(addr)
             .await
@@ -298,6 +312,7 @@ pub async fn build(args: Args) -> Result<ControlPlane, StartError> {
         admin_addr: admin.local_addr().unwrap_or(args.admin),
         hub,
         ca,
+        serving,
         join_token,
         webhook,
         #[cfg(feature = "kubernetes")]
@@ -306,6 +321,52 @@ pub async fn build(args: Args) -> Result<ControlPlane, StartError> {
         admin,
         args,
     })
+}
+
+/// TLS connections of the proxies' API, each handshake in its own task (a slow or silent
+/// client holds up nobody), handed to the gRPC server as they complete.
+fn tls_incoming(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    mut stop: watch::Receiver<bool>,
+) -> tokio_stream::wrappers::ReceiverStream<
+    Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
+> {
+    /// A client that has not finished its handshake by then is dropped.
+    const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    tokio::spawn(async move {
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed on the proxies' API");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = crate::hub::stopped(&mut stop) => return,
+            };
+            let _ = stream.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(client = %peer, error = %e, "refused a connection to the proxies' API: TLS handshake failed");
+                    }
+                    Err(_) => {
+                        tracing::warn!(client = %peer, "refused a connection to the proxies' API: no TLS handshake within 10s");
+                    }
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 impl ControlPlane {
@@ -334,12 +395,13 @@ impl ControlPlane {
             tracing::info!(listener = "webhook", addr = %addr, "listening");
             tokio::spawn(crate::webhook::serve(
                 webhook.listener,
-                webhook.tls,
+                self.serving.server_config(&[b"http/1.1"]),
                 webhook.inject,
                 stop.clone(),
             ));
         }
-        tracing::info!(listener = "grpc", addr = %self.grpc_addr, "listening");
+        tokio::spawn(self.serving.clone().maintain(stop.clone()));
+        tracing::info!(listener = "grpc", addr = %self.grpc_addr, tls = !self.args.insecure_plaintext, "listening");
         tracing::info!(listener = "admin", addr = %self.admin_addr, "listening");
         match self.hub.store.current() {
             Some(c) => tracing::info!(version = c.number, "ready"),
@@ -364,16 +426,28 @@ impl ControlPlane {
         }
         #[cfg(feature = "kubernetes")]
         let identity = identity.with_reviewer(self.reviewer);
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(self.grpc);
-        let result = tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))
             .add_service(DiscoveryServer::new(DiscoveryService::new(
                 self.hub.clone(),
             )))
-            .add_service(IdentityServer::new(identity))
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await;
+            .add_service(IdentityServer::new(identity));
+        let result = if self.args.insecure_plaintext {
+            tracing::warn!(
+                "--insecure-plaintext: the proxies' API is served WITHOUT TLS; service-account tokens, certificates and config cross the network in clear. Debugging only"
+            );
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(self.grpc);
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        } else {
+            let tls = self.serving.server_config(&[b"h2"]);
+            let incoming = tls_incoming(self.grpc, tls, stop.clone());
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        };
         let _ = stop_tx.send(true);
         result
     }

@@ -1,5 +1,6 @@
 //! The admin server: `/live`, `/ready`, `/metrics` (Prometheus text) and `/config_dump`
-//! (the config in force, the proxy's settings and its endpoints, as JSON).
+//! (the config in force, the proxy's settings and its endpoints, as JSON), the application
+//! probes `sidemesh inject` points the kubelet at, and `POST /shutdown` from loopback.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use crate::drain::Drain;
 
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut drain: Drain) {
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
@@ -33,7 +34,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut drain: Drain) {
             let service = service_fn(move |req: Request<Incoming>| {
                 // An application probe is answered by asking the application; the rest at once.
                 let probe = proxy.app_probes.get(req.uri().path()).cloned();
-                let resp = probe.is_none().then(|| answer(&proxy, &drain, &req));
+                let resp = probe.is_none().then(|| answer(&proxy, &drain, &req, peer));
                 async move {
                     Ok::<_, Infallible>(match (resp, probe) {
                         (Some(resp), _) => resp,
@@ -49,48 +50,232 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut drain: Drain) {
     }
 }
 
-/// The kubelet's HTTP probe of an application container, rewritten by `sidemesh inject` to
-/// come here: in strict mTLS mode a plaintext probe to the application's port would be refused
-/// by the inbound listener, so the proxy makes it on the kubelet's behalf, over loopback.
+/// An application container's probe, rewritten by `sidemesh inject` to come here: the
+/// kubelet's plaintext probe to the application's port would be refused by a strict-mTLS
+/// inbound listener (HTTP, HTTPS, gRPC), or always succeed against the proxy itself (TCP), so
+/// the proxy makes it on the kubelet's behalf, over loopback, the way the kubelet would.
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct AppProbe {
     pub port: u16,
+    /// `http` (the default), `https` (certificate not checked, as the kubelet does not),
+    /// `tcp` (a connection is enough) or `grpc` (grpc.health.v1 `Check`).
+    #[serde(default, skip_serializing_if = "ProbeKind::is_http")]
+    pub kind: ProbeKind,
+    #[serde(default = "root_path")]
     pub path: String,
+    /// Extra request headers (`httpGet.httpHeaders`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<ProbeHeader>,
+    /// The gRPC health service name (`grpc.service`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
+#[derive(Debug, Clone, Copy, Default, serde::Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeKind {
+    #[default]
+    Http,
+    Https,
+    Tcp,
+    Grpc,
+}
+
+impl ProbeKind {
+    fn is_http(&self) -> bool {
+        *self == ProbeKind::Http
+    }
+}
+
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq, Eq)]
+pub struct ProbeHeader {
+    pub name: String,
+    pub value: String,
+}
+
+fn root_path() -> String {
+    "/".into()
+}
+
+/// How long one probe of the application may take (the kubelet's own timeout is usually
+/// shorter and answers for it).
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 async fn app_probe(probe: &AppProbe) -> Response<Body> {
-    let ask = async {
-        let stream = tokio::net::TcpStream::connect(("127.0.0.1", probe.port)).await?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(std::io::Error::other)?;
-        tokio::spawn(conn);
-        let req = Request::get(probe.path.as_str())
-            .header(header::HOST, format!("127.0.0.1:{}", probe.port))
-            .header(header::USER_AGENT, "sidemesh-probe")
-            .body(body::empty())
-            .map_err(std::io::Error::other)?;
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(std::io::Error::other)?;
-        Ok::<_, std::io::Error>(resp.status())
-    };
-    match tokio::time::timeout(std::time::Duration::from_secs(5), ask).await {
-        Ok(Ok(status)) => text(status, format!("application answered {status}\n")),
+    let port = probe.port;
+    let result = tokio::time::timeout(PROBE_TIMEOUT, async {
+        match probe.kind {
+            ProbeKind::Tcp => tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .map(|_| {
+                    (
+                        StatusCode::OK,
+                        format!("application accepted a connection on port {port}\n"),
+                    )
+                }),
+            ProbeKind::Grpc => grpc_probe(port, probe.service.as_deref().unwrap_or_default()).await,
+            ProbeKind::Http | ProbeKind::Https => http_probe(probe).await,
+        }
+    })
+    .await;
+    match result {
+        Ok(Ok((status, message))) => text(status, message),
         Ok(Err(e)) => text(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("application probe on port {} failed: {e}\n", probe.port),
+            format!("application probe on port {port} failed: {e}\n"),
         ),
         Err(_) => text(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("application probe on port {} timed out\n", probe.port),
+            format!("application probe on port {port} timed out\n"),
         ),
     }
 }
 
-fn answer(proxy: &Proxy, drain: &Drain, req: &Request<Incoming>) -> Response<Body> {
+async fn http_probe(probe: &AppProbe) -> std::io::Result<(StatusCode, String)> {
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", probe.port)).await?;
+    let mut req = Request::get(probe.path.as_str())
+        .header(header::HOST, format!("127.0.0.1:{}", probe.port))
+        .header(header::USER_AGENT, "sidemesh-probe");
+    for h in &probe.headers {
+        req = req.header(h.name.as_str(), h.value.as_str());
+    }
+    let req = req.body(body::empty()).map_err(std::io::Error::other)?;
+    let status = if probe.kind == ProbeKind::Https {
+        let tls = tokio_rustls::TlsConnector::from(insecure_probe_tls());
+        let name = rustls_pki_types::ServerName::from(std::net::IpAddr::from([127, 0, 0, 1]));
+        send_probe(tls.connect(name, stream).await?, req).await?
+    } else {
+        send_probe(stream, req).await?
+    };
+    Ok((status, format!("application answered {status}\n")))
+}
+
+async fn send_probe<I>(io: I, req: Request<Body>) -> std::io::Result<StatusCode>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(std::io::Error::other)?;
+    Ok(resp.status())
+}
+
+/// The kubelet does not check the certificate of an HTTPS probe, so neither does its stand-in.
+fn insecure_probe_tls() -> Arc<rustls::ClientConfig> {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    #[derive(Debug)]
+    struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+    impl ServerCertVerifier for AnyCertificate {
+        fn verify_server_cert(
+            &self,
+            _: &rustls_pki_types::CertificateDer<'_>,
+            _: &[rustls_pki_types::CertificateDer<'_>],
+            _: &rustls_pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls_pki_types::UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls_pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls_pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+/// grpc.health.v1 `Check`, as the kubelet's gRPC probe makes it: SERVING is healthy.
+async fn grpc_probe(port: u16, service: &str) -> std::io::Result<(StatusCode, String)> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .map_err(std::io::Error::other)?
+        .connect()
+        .await
+        .map_err(std::io::Error::other)?;
+    let answer = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_string(),
+        })
+        .await;
+    Ok(match answer {
+        Ok(resp) if resp.get_ref().status == ServingStatus::Serving as i32 => {
+            (StatusCode::OK, "application is SERVING\n".into())
+        }
+        Ok(resp) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "application health is {:?}\n",
+                ServingStatus::try_from(resp.get_ref().status).unwrap_or(ServingStatus::Unknown)
+            ),
+        ),
+        Err(status) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("application health check failed: {}\n", status.message()),
+        ),
+    })
+}
+
+fn answer(
+    proxy: &Proxy,
+    drain: &Drain,
+    req: &Request<Incoming>,
+    peer: std::net::SocketAddr,
+) -> Response<Body> {
     match req.uri().path() {
+        // A job's last step (legacy sidecars) stops the proxy so the pod can complete. Only
+        // from inside the pod: the admin port is reachable from the pod network.
+        "/shutdown" if req.method() != http::Method::POST => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "POST /shutdown to stop the proxy\n".into(),
+        ),
+        "/shutdown" if !peer.ip().is_loopback() => text(
+            StatusCode::FORBIDDEN,
+            "/shutdown is only accepted from inside the pod (loopback)\n".into(),
+        ),
+        "/shutdown" => {
+            tracing::info!("shutdown requested on the admin port");
+            proxy.shutdown.send_replace(true);
+            text(StatusCode::OK, "shutting down\n".into())
+        }
         "/live" => text(StatusCode::OK, "live\n".into()),
         "/ready" => {
             if drain.is_draining() {
@@ -144,7 +329,7 @@ fn answer(proxy: &Proxy, drain: &Drain, req: &Request<Incoming>) -> Response<Bod
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /ready, /live, /metrics or /config_dump\n".into(),
+            "not found: try /ready, /live, /metrics, /config_dump or POST /shutdown\n".into(),
         ),
     }
 }

@@ -41,6 +41,8 @@ pub struct Proxy {
     pub ready: AtomicBool,
     /// A config (static file, pushed, or stored) is in force.
     pub config_applied: AtomicBool,
+    /// Set by `POST /shutdown` on the admin port: stop as on SIGTERM.
+    pub shutdown: tokio::sync::watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -70,6 +72,8 @@ pub enum StartError {
     },
     #[error("routing config {path}: {source}")]
     Compile { path: PathBuf, source: CompileError },
+    #[error("{0}")]
+    ControlPlane(#[from] crate::cp_channel::SetupError),
     #[error("failed to bind the {listener} listener on {addr}: {source}")]
     Bind {
         listener: String,
@@ -85,7 +89,7 @@ enum ConfigSource {
     /// A file or folder, polled for changes.
     Static { path: PathBuf, fingerprint: u64 },
     /// Pushed by the control plane; `String` is the hash of the view in force (if any).
-    ControlPlane(control::Identity, String),
+    ControlPlane(Box<control::Identity>, String),
 }
 
 #[derive(Debug)]
@@ -131,8 +135,11 @@ fn local_service(args: &Args) -> sidemesh_config::ServiceId {
 }
 
 /// Where the workload certificate comes from: the control plane, with a credential.
-fn identity_source(args: &Args) -> Option<identity::Source> {
-    let url = args.control_plane.clone()?;
+fn identity_source(
+    args: &Args,
+    control_plane: Option<&crate::cp_channel::ControlPlane>,
+) -> Option<identity::Source> {
+    let control_plane = control_plane?.clone();
     let credential = match (&args.join_token_file, &args.service_account_token_file) {
         (Some(path), _) => identity::CredentialSource::JoinTokenFile(path.clone()),
         (None, Some(path)) => identity::CredentialSource::ServiceAccountTokenFile(path.clone()),
@@ -145,7 +152,7 @@ fn identity_source(args: &Args) -> Option<identity::Source> {
     };
     let local = local_service(args);
     Some(identity::Source {
-        url,
+        control_plane,
         state_dir: args.state_dir.clone(),
         service_account: args.service_account.clone().unwrap_or(local.name),
         namespace: local.namespace,
@@ -183,12 +190,36 @@ fn advertised_admin(
     std::net::SocketAddr::new(ip, admin.port())
 }
 
+/// The control plane's connection settings, checked now so a bad flag fails at start.
+fn control_plane(args: &Args) -> Result<Option<crate::cp_channel::ControlPlane>, StartError> {
+    use crate::cp_channel::{Bundle, ControlPlane};
+    let Some(url) = &args.control_plane else {
+        return Ok(None);
+    };
+    let bundle = match (&args.trust_bundle, &args.trust_bundle_pem) {
+        (Some(path), _) => Some(Bundle::File(path.clone())),
+        (None, Some(pem)) => Some(Bundle::Pem(pem.clone())),
+        (None, None) => None,
+    };
+    let cp = ControlPlane::new(
+        url,
+        bundle,
+        args.control_plane_server_name.as_deref(),
+        args.insecure_plaintext,
+    )?;
+    if !cp.is_tls() {
+        tracing::warn!(control_plane = %url, "--insecure-plaintext: the control-plane connection is NOT encrypted; use it for debugging only");
+    }
+    Ok(Some(cp))
+}
+
 pub async fn build(args: Args) -> Result<App, StartError> {
     let registry = Registry::default();
-    let identity_source = identity_source(&args);
+    let control_plane = control_plane(&args)?;
+    let identity_source = identity_source(&args, control_plane.as_ref());
     let metrics = Metrics::new();
     let local = local_service(&args);
-    let (snapshot, source, applied) = match (&args.config, &args.control_plane) {
+    let (snapshot, source, applied) = match (&args.config, control_plane) {
         (Some(path), _) => {
             let config_err = |source| StartError::Config {
                 path: path.clone(),
@@ -213,7 +244,7 @@ pub async fn build(args: Args) -> Result<App, StartError> {
                 true,
             )
         }
-        (None, Some(url)) => {
+        (None, Some(control_plane)) => {
             let stored = args
                 .state_dir
                 .as_deref()
@@ -223,7 +254,7 @@ pub async fn build(args: Args) -> Result<App, StartError> {
                 None => (Snapshot::empty(local.clone()), String::new(), false),
             };
             let identity = control::Identity {
-                url: url.clone(),
+                control_plane,
                 proxy_id: proxy_id(&args),
                 service: local.name.clone(),
                 namespace: local.namespace.clone(),
@@ -234,7 +265,7 @@ pub async fn build(args: Args) -> Result<App, StartError> {
             };
             (
                 snapshot,
-                ConfigSource::ControlPlane(identity, hash),
+                ConfigSource::ControlPlane(Box::new(identity), hash),
                 applied,
             )
         }
@@ -292,6 +323,7 @@ pub async fn build(args: Args) -> Result<App, StartError> {
         app_probes: args.app_probes.clone(),
         ready: AtomicBool::new(false),
         config_applied: AtomicBool::new(applied),
+        shutdown: tokio::sync::watch::channel(false).0,
     });
     if let Some(stored) = proxy
         .identity
@@ -364,12 +396,19 @@ impl App {
                 });
             }
             ConfigSource::ControlPlane(identity, hash) => {
-                tokio::spawn(control::run(proxy, identity, hash, source_drain));
+                tokio::spawn(control::run(proxy, *identity, hash, source_drain));
             }
         }
         drop(drain);
         self.proxy.ready.store(true, Ordering::Release);
         // Ready means able to serve: with an identity configured, once a certificate is in.
+        let mut asked = self.proxy.shutdown.subscribe();
+        let shutdown = async move {
+            tokio::select! {
+                () = shutdown => {}
+                _ = asked.wait_for(|stop| *stop) => {}
+            }
+        };
         tokio::pin!(shutdown);
         if !self.proxy.identity.ready() {
             tracing::info!("waiting for a workload certificate from the control plane");

@@ -28,6 +28,9 @@ pub const ENV_SERVICE_ACCOUNT_TOKEN_FILE: &str = "SIDEMESH_SERVICE_ACCOUNT_TOKEN
 pub const ENV_SERVICE_ACCOUNT: &str = "SIDEMESH_SERVICE_ACCOUNT";
 pub const ENV_OTLP_ENDPOINT: &str = "SIDEMESH_OTLP_ENDPOINT";
 pub const ENV_APP_PROBES: &str = "SIDEMESH_APP_PROBES";
+pub const ENV_TRUST_BUNDLE_FILE: &str = "SIDEMESH_TRUST_BUNDLE_FILE";
+pub const ENV_TRUST_BUNDLE: &str = "SIDEMESH_TRUST_BUNDLE";
+pub const ENV_CONTROL_PLANE_SERVER_NAME: &str = "SIDEMESH_CONTROL_PLANE_SERVER_NAME";
 
 /// How traffic reaches the proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -47,9 +50,24 @@ pub struct Args {
     /// Static mode: routing YAML (file or folder) to serve from, reloaded when it changes.
     #[arg(long, env = ENV_CONFIG)]
     pub config: Option<PathBuf>,
-    /// The control plane's gRPC address, e.g. `http://127.0.0.1:15010`: config is pushed from there.
+    /// The control plane's gRPC address, e.g. `https://127.0.0.1:15010`: config is pushed from
+    /// there, and certificates come from there. TLS, checked against --trust-bundle.
     #[arg(long, env = ENV_CONTROL_PLANE)]
     pub control_plane: Option<String>,
+    /// The mesh's trust bundle (PEM): the control plane's certificate must chain to it.
+    #[arg(long, env = ENV_TRUST_BUNDLE_FILE)]
+    pub trust_bundle: Option<PathBuf>,
+    /// The trust bundle as PEM text (what `sidemesh inject` sets), instead of a file.
+    #[arg(long, env = ENV_TRUST_BUNDLE, conflicts_with = "trust_bundle", hide_env_values = true)]
+    pub trust_bundle_pem: Option<String>,
+    /// The name the control plane's certificate must carry (default: the host of
+    /// --control-plane).
+    #[arg(long, env = ENV_CONTROL_PLANE_SERVER_NAME)]
+    pub control_plane_server_name: Option<String>,
+    /// Debugging only: talk to an `http://` control plane without TLS. The credential and the
+    /// config then cross the network in clear; every connection logs a warning.
+    #[arg(long)]
+    pub insecure_plaintext: bool,
     /// This proxy's id in `sidemesh status` (in Kubernetes, the pod name).
     #[arg(long, env = ENV_PROXY_ID)]
     pub proxy_id: Option<String>,
@@ -239,6 +257,10 @@ impl Args {
         Self {
             config: Some(config),
             control_plane: None,
+            trust_bundle: None,
+            trust_bundle_pem: None,
+            control_plane_server_name: None,
+            insecure_plaintext: false,
             proxy_id: None,
             namespace: "default".into(),
             advertise: None,

@@ -24,7 +24,7 @@ const SNAPSHOT_FILE: &str = "last-snapshot.json";
 /// Who this proxy is, for its Hello.
 #[derive(Debug, Clone)]
 pub struct Identity {
-    pub url: String,
+    pub control_plane: crate::cp_channel::ControlPlane,
     pub proxy_id: String,
     pub service: String,
     pub namespace: String,
@@ -66,8 +66,8 @@ fn meshed_map(list: &[(std::net::SocketAddr, String)]) -> crate::snapshot::Meshe
 #[derive(Debug, thiserror::Error)]
 enum StreamError {
     #[error("cannot connect: {0}")]
-    Connect(#[from] tonic::transport::Error),
-    #[error("stream failed: {0}")]
+    Connect(#[from] crate::cp_channel::ConnectError),
+    #[error("stream failed: {}", crate::cp_channel::error_chain(.0))]
     Status(#[from] tonic::Status),
     #[error("the control plane closed the stream")]
     Closed,
@@ -121,7 +121,7 @@ pub async fn run(proxy: Arc<Proxy>, me: Identity, mut applied_hash: String, mut 
             () = drain.signaled() => return,
         };
         if let Err(e) = result {
-            tracing::warn!(control_plane = %me.url, error = %e, "control plane unreachable; serving the last good config");
+            tracing::warn!(control_plane = %me.control_plane.url, error = %e, "control plane unreachable; serving the last good config");
         }
         if connected_at.elapsed() > Duration::from_secs(10) {
             failures = 0;
@@ -165,14 +165,7 @@ async fn session(
     me: &Identity,
     applied_hash: &mut String,
 ) -> Result<(), StreamError> {
-    let channel = tonic::transport::Endpoint::from_shared(me.url.clone())
-        .map_err(StreamError::Connect)?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect()
-        .await?;
+    let channel = me.control_plane.connect(None).await?;
     // Registered as a meshed endpoint only with a certificate to prove it.
     proxy.identity.wait_ready().await;
     let (tx, rx) = mpsc::channel(8);
@@ -181,7 +174,7 @@ async fn session(
         .stream(ReceiverStream::new(rx))
         .await?
         .into_inner();
-    tracing::info!(control_plane = %me.url, "connected to the control plane");
+    tracing::info!(control_plane = %me.control_plane.url, "connected to the control plane");
     while let Some(message) = inbound.message().await? {
         let Some(ControlKind::Snapshot(snapshot)) = message.kind else {
             continue;

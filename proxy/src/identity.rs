@@ -36,7 +36,7 @@ pub enum CredentialSource {
 /// Where and as whom to ask for certificates.
 #[derive(Debug, Clone)]
 pub struct Source {
-    pub url: String,
+    pub control_plane: crate::cp_channel::ControlPlane,
     /// Where the certificate is kept between runs (the proxy's `--state-dir`).
     pub state_dir: Option<PathBuf>,
     pub namespace: String,
@@ -54,7 +54,7 @@ pub enum CertifyError {
     #[error("cannot make a key or signing request: {0}")]
     Key(#[from] rcgen::Error),
     #[error("cannot reach the control plane: {0}")]
-    Connect(#[from] tonic::transport::Error),
+    Connect(#[from] crate::cp_channel::ConnectError),
     #[error("the control plane refused: {}", .0.message())]
     Refused(#[from] tonic::Status),
     #[error("the issued certificate is not usable: {0}")]
@@ -231,7 +231,7 @@ pub async fn run(proxy: Arc<Proxy>, mut drain: Drain) {
                         .ok()
                         .map(|d| d.as_secs())
                 });
-                tracing::warn!(control_plane = %source.url, error = %e, retry_in = ?wait, valid_for_secs = ?left, "cannot get a workload certificate");
+                tracing::warn!(control_plane = %source.control_plane.url, error = %e, retry_in = ?wait, valid_for_secs = ?left, "cannot get a workload certificate");
                 wait
             }
         };
@@ -262,10 +262,9 @@ pub async fn certify(source: &Source) -> Result<Credentials, CertifyError> {
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     let csr = params.serialize_request(&key)?;
-    let channel = tonic::transport::Endpoint::from_shared(source.url.clone())?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(10))
-        .connect()
+    let channel = source
+        .control_plane
+        .connect(Some(Duration::from_secs(10)))
         .await?;
     let response = IdentityClient::new(channel)
         .certify(CertifyRequest {

@@ -18,6 +18,7 @@
 //! - `trace`: OpenTelemetry spans per request and attempt, propagation, OTLP export.
 //! - `metrics`, `admin`: Prometheus metrics and the admin server.
 //! - `reload`, `control`: config from a file (static mode) or pushed by the control plane.
+//! - `cp_channel`: the TLS connection to the control plane, pinned to the trust bundle.
 //! - `drain`: graceful shutdown.
 
 #![forbid(unsafe_code)]
@@ -29,6 +30,7 @@ pub mod balance;
 pub mod body;
 pub mod config;
 pub mod control;
+pub mod cp_channel;
 pub mod detect;
 pub mod drain;
 pub mod endpoint;

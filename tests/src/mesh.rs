@@ -40,8 +40,14 @@ impl Mesh {
         Mesh { dir, cp }
     }
 
+    /// The proxies' API (TLS, checked against [`Mesh::trust_bundle`]).
     pub fn grpc(&self) -> String {
-        format!("http://{}", self.cp.listener("grpc"))
+        format!("https://{}", self.cp.listener("grpc"))
+    }
+
+    /// The trust bundle the control plane wrote to its data folder.
+    pub fn trust_bundle(&self) -> PathBuf {
+        self.path("cp/trust-bundle.pem")
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -71,6 +77,8 @@ impl Mesh {
             service.into(),
             "--join-token-file".into(),
             token.to_string_lossy().into_owned(),
+            "--trust-bundle".into(),
+            self.trust_bundle().to_string_lossy().into_owned(),
             "--admin".into(),
             "127.0.0.1:0".into(),
             "--outbound".into(),

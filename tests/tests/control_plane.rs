@@ -82,6 +82,7 @@ impl Mesh {
     fn proxy(&self, cp: &str, id: &str, service: &str, extra: &[&str]) -> Proc {
         let state = self.state_dir(id);
         let token = self.join_token();
+        let bundle = format!("{}/trust-bundle.pem", self.data_dir());
         let mut args = vec![
             "--control-plane",
             cp,
@@ -97,6 +98,8 @@ impl Mesh {
             "127.0.0.1:0",
             "--join-token-file",
             &token,
+            "--trust-bundle",
+            &bundle,
         ];
         args.extend_from_slice(extra);
         Proc::start_until("sidemesh-proxy", &args, "ready")
@@ -170,7 +173,7 @@ async fn changes_are_pushed_and_followed_and_broken_yaml_is_refused() {
     let mesh = Mesh::new(&yaml("", "", other.addr));
     let cp = mesh.control_plane("127.0.0.1:0", "127.0.0.1:0");
     let (grpc, admin) = (
-        format!("http://{}", cp.listener("grpc")),
+        format!("https://{}", cp.listener("grpc")),
         cp.listener("admin"),
     );
 
@@ -362,7 +365,7 @@ async fn a_control_plane_outage_fails_no_request_and_a_restarted_proxy_serves_fr
         .local_addr()
         .expect("addr");
     let mut cp = mesh.control_plane(&grpc_port.to_string(), &admin_port.to_string());
-    let grpc = format!("http://{grpc_port}");
+    let grpc = format!("https://{grpc_port}");
     let echo = mesh.proxy(
         &grpc,
         "echo-1",
@@ -459,7 +462,7 @@ async fn a_global_limit_is_shared_among_the_live_proxies_of_a_service() {
     let mesh = Mesh::new(&yaml(limited, "", other.addr));
     let cp = mesh.control_plane("127.0.0.1:0", "127.0.0.1:0");
     let (grpc, admin) = (
-        format!("http://{}", cp.listener("grpc")),
+        format!("https://{}", cp.listener("grpc")),
         cp.listener("admin"),
     );
     let app_addr = app.addr.to_string();

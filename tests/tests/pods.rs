@@ -138,7 +138,9 @@ async fn pods_talk_mutual_tls_through_intercepted_plain_calls() {
         ],
         "ready",
     );
-    let cp_url = format!("http://{}", cp.listener("grpc"));
+    let cp_url = format!("https://{}", cp.listener("grpc"));
+    let bundle = data.join("trust-bundle.pem");
+    let bundle = bundle.to_str().expect("utf-8");
     // The proxies run as uid 2102: they must read the join token.
     run(&["chmod", "-R", "a+rX", dir.path().to_str().expect("path")]);
     let token = data.join("join-token");
@@ -166,6 +168,11 @@ async fn pods_talk_mutual_tls_through_intercepted_plain_calls() {
             &[
                 "--control-plane",
                 &cp_url,
+                // The control plane's certificate names loopback, not the bridge address.
+                "--control-plane-server-name",
+                "localhost",
+                "--trust-bundle",
+                bundle,
                 "--join-token-file",
                 token,
                 "--service",

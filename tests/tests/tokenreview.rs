@@ -120,12 +120,22 @@ fn write(dir: &std::path::Path, name: &str, text: &str) -> String {
 }
 
 /// A proxy for order-service; returns once it logs `until` (all its listeners are up then).
-fn proxy(cp: &Proc, service_account: &str, token_file: &str, app: SocketAddr, until: &str) -> Proc {
+fn proxy(
+    mesh: &Mesh,
+    service_account: &str,
+    token_file: &str,
+    app: SocketAddr,
+    until: &str,
+) -> Proc {
+    let (cp, bundle) = (&mesh.cp, mesh.trust_bundle());
+    let bundle = bundle.to_str().expect("utf-8");
     Proc::start_until(
         "sidemesh-proxy",
         &[
             "--control-plane",
-            &format!("http://{}", cp.listener("grpc")),
+            &format!("https://{}", cp.listener("grpc")),
+            "--trust-bundle",
+            bundle,
             "--service",
             "order-service.demo",
             "--service-account",
@@ -168,7 +178,7 @@ async fn service_account_tokens_are_checked_with_the_tokenreview_api() {
 
     // The token the API server vouches for, asking for its own service account: certified.
     let good = write(dir.path(), "order-token", ORDER_TOKEN);
-    let order = proxy(cp, "order-service", &good, app.addr, "ready");
+    let order = proxy(&mesh, "order-service", &good, app.addr, "ready");
     let dump = eventually(
         "order-service's proxy certified",
         Duration::from_secs(10),
@@ -194,10 +204,10 @@ async fn service_account_tokens_are_checked_with_the_tokenreview_api() {
     assert_eq!(body["spec"]["audiences"][0], "sidemesh");
 
     // The same token cannot buy another service account's identity.
-    let thief = proxy(cp, "user-service", &good, app.addr, WAITING);
+    let thief = proxy(&mesh, "user-service", &good, app.addr, WAITING);
     // An expired token is refused with the API server's reason.
     let expired = write(dir.path(), "expired-token", "an-expired-token");
-    let stale = proxy(cp, "order-service", &expired, app.addr, WAITING);
+    let stale = proxy(&mesh, "order-service", &expired, app.addr, WAITING);
     eventually(
         "both refusals logged by the proxies",
         Duration::from_secs(10),
@@ -260,11 +270,15 @@ async fn endpoints_come_from_endpointslices() {
     let cp = &mesh.cp;
     let app = EchoServer::start("orders").await;
     let token = write(dir.path(), "order-token", ORDER_TOKEN);
+    let bundle = mesh.trust_bundle();
+    let bundle = bundle.to_str().expect("utf-8");
     let order = Proc::start_until(
         "sidemesh-proxy",
         &[
             "--control-plane",
-            &format!("http://{}", cp.listener("grpc")),
+            &format!("https://{}", cp.listener("grpc")),
+            "--trust-bundle",
+            bundle,
             "--service",
             "order-service.demo",
             "--service-account-token-file",

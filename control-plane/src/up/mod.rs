@@ -166,9 +166,13 @@ fn control_plane_args(
         join_token_file: None,
         cert_lifetime: Duration::from_secs(24 * 3600),
         webhook: None,
-        webhook_cert: None,
-        webhook_key: None,
-        webhook_dns: Vec::new(),
+        tls_cert: None,
+        tls_key: None,
+        server_names: crate::serving::DEFAULT_SERVER_NAMES
+            .split(',')
+            .map(str::to_string)
+            .collect(),
+        insecure_plaintext: false,
         proxy_image: None,
         control_plane_url: None,
         kubernetes_api: None,
@@ -197,7 +201,13 @@ async fn proxy(
     let any = SocketAddr::from(([127, 0, 0, 1], 0));
     let mut args = sidemesh_proxy::config::Args::local(PathBuf::new(), service);
     args.config = None;
-    args.control_plane = Some(format!("http://{control_plane}"));
+    args.control_plane = Some(format!("https://{control_plane}"));
+    args.trust_bundle = Some(
+        join_token
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join(crate::server::TRUST_BUNDLE_FILE),
+    );
     args.proxy_id = Some(format!(
         "{}-1",
         service.split('.').next().unwrap_or(service)

@@ -331,6 +331,7 @@ async fn start(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     sh(&["chmod", "a+r", &token.display().to_string()])?;
+    let bundle = data_dir.join(crate::server::TRUST_BUNDLE_FILE);
 
     let mut processes = Vec::new();
     let proxy_bin = scratch.join("sidemesh-proxy");
@@ -354,7 +355,12 @@ async fn start(
         ])?;
         let mut proxy_args = vec![
             "--control-plane".to_string(),
-            format!("http://{cp_grpc}"),
+            format!("https://{cp_grpc}"),
+            // The control plane's certificate names loopback; the bridge address is not in it.
+            "--control-plane-server-name".into(),
+            "localhost".into(),
+            "--trust-bundle".into(),
+            bundle.display().to_string(),
             "--join-token-file".into(),
             token.display().to_string(),
             "--service".into(),

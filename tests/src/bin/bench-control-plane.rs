@@ -134,13 +134,18 @@ async fn run(n: usize, changes: usize) -> anyhow::Result<serde_json::Value> {
         .stderr(std::process::Stdio::null())
         .spawn()?;
     let pid = cp.id();
-    let url = format!("http://127.0.0.1:{grpc}");
+    let url = format!("https://127.0.0.1:{grpc}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", grpc)).is_err() {
         anyhow::ensure!(Instant::now() < deadline, "control plane did not start");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let idle_rss = rss_kib(pid, "VmRSS:");
+    // The simulated proxies pin the mesh's trust bundle, as real ones do.
+    let bundle = std::fs::read_to_string(dir.path().join("cp/trust-bundle.pem"))?;
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(bundle))
+        .domain_name("localhost");
 
     let applied: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
     let received_at: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
@@ -148,6 +153,7 @@ async fn run(n: usize, changes: usize) -> anyhow::Result<serde_json::Value> {
     let connect_started = Instant::now();
     for chunk_start in (0..n).step_by(STREAMS_PER_CONNECTION) {
         let channel = tonic::transport::Endpoint::from_shared(url.clone())?
+            .tls_config(tls.clone())?
             .connect()
             .await?;
         for id in chunk_start..(chunk_start + STREAMS_PER_CONNECTION).min(n) {
