@@ -117,9 +117,6 @@ pub struct Args {
     /// The API server's CA bundle, for https (default: the pod's).
     #[arg(long)]
     pub kubernetes_ca_file: Option<PathBuf>,
-    /// How often EndpointSlices are listed (with a Kubernetes API).
-    #[arg(long, value_parser = parse_duration, default_value = "5s")]
-    pub discovery_interval: Duration,
     /// The audience proxies' tokens must be issued for.
     #[arg(long, default_value = "sidemesh")]
     pub token_audience: String,
@@ -202,37 +199,36 @@ async fn webhook(args: &Args, ca: &Authority) -> Result<Option<Webhook>, StartEr
     }))
 }
 
-/// The TokenReview client, when a Kubernetes API server is configured or this runs in a pod.
+/// The Kubernetes client (TokenReview and EndpointSlices), when an API server is configured
+/// or this runs in a pod.
 #[cfg(feature = "kubernetes")]
-fn reviewer(args: &Args) -> Result<Option<crate::tokenreview::Reviewer>, StartError> {
-    use crate::tokenreview::Reviewer;
-    let pod = std::path::Path::new("/var/run/secrets/kubernetes.io/serviceaccount");
-    let made = match &args.kubernetes_api {
-        Some(api) => Reviewer::new(
-            api,
-            &args
-                .kubernetes_token_file
-                .clone()
-                .unwrap_or_else(|| pod.join("token")),
-            Some(
-                &args
-                    .kubernetes_ca_file
-                    .clone()
-                    .unwrap_or_else(|| pod.join("ca.crt")),
-            ),
-            &args.token_audience,
-        ),
-        None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
-            Reviewer::in_cluster(&args.token_audience)
-        }
-        None => return Ok(None),
-    };
-    made.map(Some)
-        .map_err(|e| StartError::Kubernetes(e.to_string()))
+fn kubernetes(args: &Args) -> Result<Option<kube::Client>, StartError> {
+    use crate::tokenreview::{ApiSettings, client};
+    if args.kubernetes_api.is_none() && std::env::var_os("KUBERNETES_SERVICE_HOST").is_none() {
+        return Ok(None);
+    }
+    client(&ApiSettings {
+        url: args.kubernetes_api.clone(),
+        token_file: args.kubernetes_token_file.clone(),
+        ca_file: args.kubernetes_ca_file.clone(),
+    })
+    .map(Some)
+    .map_err(|e| StartError::Kubernetes(e.to_string()))
+}
+
+/// The Kubernetes client, shown in `Debug` output by name only.
+#[cfg(feature = "kubernetes")]
+struct KubeClient(kube::Client);
+
+#[cfg(feature = "kubernetes")]
+impl std::fmt::Debug for KubeClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KubeClient")
+    }
 }
 
 #[cfg(not(feature = "kubernetes"))]
-fn reviewer(args: &Args) -> Result<Option<()>, StartError> {
+fn kubernetes(args: &Args) -> Result<Option<()>, StartError> {
     match &args.kubernetes_api {
         Some(_) => Err(StartError::Kubernetes(
             "--kubernetes-api needs a control plane built with the `kubernetes` feature".into(),
@@ -261,7 +257,7 @@ pub struct ControlPlane {
     join_token: JoinToken,
     webhook: Option<Webhook>,
     #[cfg(feature = "kubernetes")]
-    reviewer: Option<Arc<crate::tokenreview::Reviewer>>,
+    kubernetes: Option<KubeClient>,
     pub grpc_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     grpc: TcpListener,
@@ -286,7 +282,7 @@ pub async fn build(args: Args) -> Result<ControlPlane, StartError> {
     }
     // Checked at start so a bad setting fails now, not at the first certificate request.
     #[cfg_attr(not(feature = "kubernetes"), allow(unused_variables))]
-    let reviewer = reviewer(&args)?;
+    let kubernetes = kubernetes(&args)?;
     let webhook = webhook(&args, &ca).await?;
     let serving = crate::serving::ServingCert::new(
         match (&args.tls_cert, &args.tls_key) {
@@ -316,7 +312,7 @@ pub async fn build(args: Args) -> Result<ControlPlane, StartError> {
         join_token,
         webhook,
         #[cfg(feature = "kubernetes")]
-        reviewer: reviewer.map(Arc::new),
+        kubernetes: kubernetes.map(KubeClient),
         grpc,
         admin,
         args,
@@ -415,17 +411,21 @@ impl ControlPlane {
             self.hub.clone(),
         );
         #[cfg(feature = "kubernetes")]
-        if let Some(client) = &self.reviewer {
-            // On Kubernetes, EndpointSlices say which pods serve a service.
-            tokio::spawn(crate::endpointslices::run(
-                client.clone(),
-                self.hub.clone(),
-                self.args.discovery_interval,
-                stop.clone(),
-            ));
-        }
-        #[cfg(feature = "kubernetes")]
-        let identity = identity.with_reviewer(self.reviewer);
+        let identity = match self.kubernetes.as_ref().map(|k| &k.0) {
+            Some(client) => {
+                // On Kubernetes, EndpointSlices say which pods serve a service.
+                tokio::spawn(crate::endpointslices::run(
+                    client.clone(),
+                    self.hub.clone(),
+                    stop.clone(),
+                ));
+                identity.with_reviewer(Some(Arc::new(crate::tokenreview::Reviewer::new(
+                    client.clone(),
+                    &self.args.token_audience,
+                ))))
+            }
+            None => identity,
+        };
         let router = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(5)))

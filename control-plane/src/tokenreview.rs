@@ -1,27 +1,17 @@
 //! Kubernetes credentials: a proxy's projected service-account token, checked with the
-//! TokenReview API (the `kubernetes` cargo feature).
+//! TokenReview API (the `kubernetes` cargo feature), through the same kube-rs client as
+//! EndpointSlice discovery.
 //!
-//! The control plane posts the token to `/apis/authentication.k8s.io/v1/tokenreviews` with its
-//! own service-account token; the API server answers whether it is valid, for which audience,
-//! and whose it is (`system:serviceaccount:<namespace>:<name>`).
+//! The API server answers whether the token is valid, for which audience, and whose it is
+//! (`system:serviceaccount:<namespace>:<name>`).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Uri, header};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::rt::TokioIo;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
-use serde::Deserialize;
-use tokio::net::TcpStream;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
+use kube::api::{Api, PostParams};
 
-/// Where a pod finds its own service-account credentials.
-const IN_CLUSTER_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
-/// Largest TokenReview answer read.
-const MAX_ANSWER: usize = 1 << 20;
+/// How long the API server has to answer one review.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
@@ -43,139 +33,102 @@ pub struct ServiceAccount {
     pub name: String,
 }
 
+/// Where the control plane finds the API server and its own credentials.
+#[derive(Debug, Clone, Default)]
+pub struct ApiSettings {
+    /// `https://...` (or `http://...` for a local test server); `None`: the cluster this
+    /// process runs in.
+    pub url: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Where a pod finds its own service-account credentials.
+const IN_CLUSTER_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// A kube-rs client for `settings`. The token file is re-read as it rotates.
+pub fn client(settings: &ApiSettings) -> Result<kube::Client, ReviewError> {
+    let setup = |e: &dyn std::fmt::Display| ReviewError::Setup(e.to_string());
+    let config = match &settings.url {
+        Some(url) => {
+            let uri: http::Uri = url
+                .parse()
+                .map_err(|e| ReviewError::Setup(format!("bad API server URL `{url}`: {e}")))?;
+            if !matches!(uri.scheme_str(), Some("https" | "http")) {
+                return Err(ReviewError::Setup(format!(
+                    "API server URL `{url}` must be http:// or https://"
+                )));
+            }
+            let dir = Path::new(IN_CLUSTER_DIR);
+            let mut config = kube::Config::new(uri.clone());
+            let token = settings
+                .token_file
+                .clone()
+                .unwrap_or_else(|| dir.join("token"));
+            config.auth_info.token_file = Some(token.to_string_lossy().into_owned());
+            if uri.scheme_str() == Some("https") {
+                let ca = settings
+                    .ca_file
+                    .clone()
+                    .unwrap_or_else(|| dir.join("ca.crt"));
+                let pem = std::fs::read(&ca)
+                    .map_err(|e| ReviewError::Setup(format!("{}: {e}", ca.display())))?;
+                let roots = ::pem::parse_many(&pem)
+                    .map_err(|e| ReviewError::Setup(format!("{}: {e}", ca.display())))?
+                    .into_iter()
+                    .map(|p| p.into_contents())
+                    .collect();
+                config.root_cert = Some(roots);
+            }
+            config
+        }
+        None => kube::Config::incluster().map_err(|e| setup(&e))?,
+    };
+    kube::Client::try_from(config).map_err(|e| setup(&e))
+}
+
+/// Checks proxies' tokens for one audience.
+#[derive(Clone)]
 pub struct Reviewer {
-    api: Uri,
-    token_file: PathBuf,
-    tls: Option<tokio_rustls::TlsConnector>,
+    api: Api<TokenReview>,
     audience: String,
 }
 
 impl std::fmt::Debug for Reviewer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Reviewer")
-            .field("api", &self.api)
             .field("audience", &self.audience)
             .finish_non_exhaustive()
     }
 }
 
-#[derive(Debug, Deserialize)]
-struct TokenReview {
-    #[serde(default)]
-    status: ReviewStatus,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct ReviewStatus {
-    #[serde(default)]
-    authenticated: bool,
-    #[serde(default)]
-    error: Option<String>,
-    #[serde(default)]
-    user: Option<UserInfo>,
-    #[serde(default)]
-    audiences: Option<Vec<String>>,
-}
-
-#[derive(Debug, Deserialize)]
-struct UserInfo {
-    #[serde(default)]
-    username: String,
-}
-
 impl Reviewer {
-    /// `api`: the API server (`https://...`, or `http://...` for a local test server);
-    /// `token_file`: the control plane's own token; `ca_file`: the API server's CA (https).
-    pub fn new(
-        api: &str,
-        token_file: &Path,
-        ca_file: Option<&Path>,
-        audience: &str,
-    ) -> Result<Self, ReviewError> {
-        let api: Uri = api
-            .parse()
-            .map_err(|e| ReviewError::Setup(format!("bad API server URL `{api}`: {e}")))?;
-        let tls = match api.scheme_str() {
-            Some("https") => {
-                let mut roots = rustls::RootCertStore::empty();
-                let ca = ca_file.ok_or_else(|| {
-                    ReviewError::Setup("an https API server needs its CA file".into())
-                })?;
-                for cert in CertificateDer::pem_file_iter(ca)
-                    .map_err(|e| ReviewError::Setup(format!("{}: {e}", ca.display())))?
-                {
-                    let cert =
-                        cert.map_err(|e| ReviewError::Setup(format!("{}: {e}", ca.display())))?;
-                    roots
-                        .add(cert)
-                        .map_err(|e| ReviewError::Setup(format!("{}: {e}", ca.display())))?;
-                }
-                let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-                    rustls::crypto::ring::default_provider(),
-                ))
-                .with_safe_default_protocol_versions()
-                .map_err(|e| ReviewError::Setup(e.to_string()))?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-                Some(tokio_rustls::TlsConnector::from(Arc::new(config)))
-            }
-            Some("http") => None,
-            _ => {
-                return Err(ReviewError::Setup(format!(
-                    "API server URL `{api}` must be http:// or https://"
-                )));
-            }
-        };
-        Ok(Self {
-            api,
-            token_file: token_file.to_path_buf(),
-            tls,
+    pub fn new(client: kube::Client, audience: &str) -> Self {
+        Self {
+            api: Api::all(client),
             audience: audience.to_string(),
-        })
-    }
-
-    /// The API server of the cluster this process runs in, from the pod's environment.
-    pub fn in_cluster(audience: &str) -> Result<Self, ReviewError> {
-        let host = std::env::var("KUBERNETES_SERVICE_HOST")
-            .map_err(|_| ReviewError::Setup("KUBERNETES_SERVICE_HOST is not set".into()))?;
-        let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
-        let host = if host.contains(':') {
-            format!("[{host}]")
-        } else {
-            host
-        };
-        let dir = Path::new(IN_CLUSTER_DIR);
-        Self::new(
-            &format!("https://{host}:{port}"),
-            &dir.join("token"),
-            Some(&dir.join("ca.crt")),
-            audience,
-        )
+        }
     }
 
     /// Asks the API server whose `token` is.
     pub async fn review(&self, token: &str) -> Result<ServiceAccount, ReviewError> {
-        let own = std::fs::read_to_string(&self.token_file).map_err(|e| {
-            ReviewError::Setup(format!(
-                "cannot read the control plane's token {}: {e}",
-                self.token_file.display()
-            ))
-        })?;
-        let body = serde_json::json!({
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenReview",
-            "spec": { "token": token, "audiences": [self.audience] },
-        });
-        let answer = tokio::time::timeout(TIMEOUT, self.post(own.trim(), body.to_string()))
-            .await
-            .map_err(|_| ReviewError::Api(format!("no answer within {TIMEOUT:?}")))??;
-        let review: TokenReview = serde_json::from_slice(&answer)
-            .map_err(|e| ReviewError::Api(format!("unreadable TokenReview answer: {e}")))?;
-        self.account(review.status)
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_string()),
+                audiences: Some(vec![self.audience.clone()]),
+            },
+            ..TokenReview::default()
+        };
+        let answer =
+            tokio::time::timeout(TIMEOUT, self.api.create(&PostParams::default(), &review))
+                .await
+                .map_err(|_| ReviewError::Api(format!("no answer within {TIMEOUT:?}")))?
+                .map_err(|e| ReviewError::Api(e.to_string()))?;
+        self.account(answer.status.unwrap_or_default())
     }
 
-    fn account(&self, status: ReviewStatus) -> Result<ServiceAccount, ReviewError> {
-        if !status.authenticated {
+    fn account(&self, status: TokenReviewStatus) -> Result<ServiceAccount, ReviewError> {
+        if status.authenticated != Some(true) {
             return Err(ReviewError::Rejected(
                 status
                     .error
@@ -190,129 +143,32 @@ impl Reviewer {
                 )));
             }
         }
-        let username = status.user.map(|u| u.username).unwrap_or_default();
-        let account = username
+        let username = status.user.and_then(|u| u.username).unwrap_or_default();
+        username
             .strip_prefix("system:serviceaccount:")
             .and_then(|rest| rest.split_once(':'))
             .map(|(namespace, name)| ServiceAccount {
                 namespace: namespace.to_string(),
                 name: name.to_string(),
-            });
-        account
+            })
             .ok_or_else(|| ReviewError::Rejected(format!("`{username}` is not a service account")))
     }
-
-    /// `GET path` with the control plane's own token (e.g. a list of EndpointSlices).
-    pub async fn get(&self, path: &str) -> Result<Bytes, ReviewError> {
-        let own = std::fs::read_to_string(&self.token_file).map_err(|e| {
-            ReviewError::Setup(format!(
-                "cannot read the control plane's token {}: {e}",
-                self.token_file.display()
-            ))
-        })?;
-        tokio::time::timeout(
-            TIMEOUT,
-            self.request(http::Method::GET, path, own.trim(), None),
-        )
-        .await
-        .map_err(|_| ReviewError::Api(format!("no answer within {TIMEOUT:?}")))?
-    }
-
-    async fn post(&self, bearer: &str, body: String) -> Result<Bytes, ReviewError> {
-        self.request(
-            http::Method::POST,
-            "/apis/authentication.k8s.io/v1/tokenreviews",
-            bearer,
-            Some(body),
-        )
-        .await
-    }
-
-    async fn request(
-        &self,
-        method: http::Method,
-        path: &str,
-        bearer: &str,
-        body: Option<String>,
-    ) -> Result<Bytes, ReviewError> {
-        let api = |e: &dyn std::fmt::Display| ReviewError::Api(e.to_string());
-        let host = self
-            .api
-            .host()
-            .unwrap_or("localhost")
-            .trim_matches(['[', ']']);
-        let port = self
-            .api
-            .port_u16()
-            .unwrap_or(if self.tls.is_some() { 443 } else { 80 });
-        let tcp = TcpStream::connect((host, port))
-            .await
-            .map_err(|e| api(&e))?;
-        let _ = tcp.set_nodelay(true);
-        let req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(
-                header::HOST,
-                self.api.authority().map_or(host, |a| a.as_str()),
-            )
-            .header(header::AUTHORIZATION, format!("Bearer {bearer}"))
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::ACCEPT, "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| api(&e))?;
-        let resp = match &self.tls {
-            Some(tls) => {
-                let name = ServerName::try_from(host.to_string()).map_err(|e| api(&e))?;
-                let stream = tls.connect(name, tcp).await.map_err(|e| api(&e))?;
-                send(TokioIo::new(stream), req).await?
-            }
-            None => send(TokioIo::new(tcp), req).await?,
-        };
-        Ok(resp)
-    }
-}
-
-async fn send<I>(io: I, req: Request<Full<Bytes>>) -> Result<Bytes, ReviewError>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let api = |e: &dyn std::fmt::Display| ReviewError::Api(e.to_string());
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| api(&e))?;
-    tokio::spawn(conn);
-    let resp = sender.send_request(req).await.map_err(|e| api(&e))?;
-    let status = resp.status();
-    let body = Limited::new(resp.into_body(), MAX_ANSWER)
-        .collect()
-        .await
-        .map_err(|e| api(&*e))?
-        .to_bytes();
-    if !status.is_success() {
-        return Err(ReviewError::Api(format!(
-            "{status}: {}",
-            String::from_utf8_lossy(&body)
-                .chars()
-                .take(300)
-                .collect::<String>()
-        )));
-    }
-    Ok(body)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::authentication::v1::UserInfo;
 
+    /// A client that is never used: `account` only reads the answer.
     fn reviewer() -> Reviewer {
-        Reviewer::new(
-            "http://127.0.0.1:1",
-            Path::new("/nonexistent"),
-            None,
-            "sidemesh",
-        )
-        .expect("reviewer")
+        let config = kube::Config::new("http://127.0.0.1:1".parse().expect("uri"));
+        let client = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(async { kube::Client::try_from(config).expect("client") });
+        Reviewer::new(client, "sidemesh")
     }
 
     #[test]
@@ -321,7 +177,9 @@ mod tests {
         let answer = include_str!("../../tests/fixtures/tokenreview-authenticated.json");
         let review: TokenReview = serde_json::from_str(answer).expect("parse");
         assert_eq!(
-            reviewer().account(review.status).expect("valid"),
+            reviewer()
+                .account(review.status.expect("status"))
+                .expect("valid"),
             ServiceAccount {
                 namespace: "demo".into(),
                 name: "order-service".into()
@@ -333,29 +191,31 @@ mod tests {
     fn rejected_and_foreign_reviews_say_why() {
         let answer = include_str!("../../tests/fixtures/tokenreview-expired.json");
         let review: TokenReview = serde_json::from_str(answer).expect("parse");
-        let err = reviewer().account(review.status).expect_err("rejected");
+        let err = reviewer()
+            .account(review.status.expect("status"))
+            .expect_err("rejected");
         assert!(err.to_string().contains("expired"), "{err}");
 
-        let wrong_audience = ReviewStatus {
-            authenticated: true,
-            error: None,
-            user: Some(UserInfo {
-                username: "system:serviceaccount:demo:order-service".into(),
-            }),
+        let user = |name: &str| UserInfo {
+            username: Some(name.into()),
+            ..UserInfo::default()
+        };
+        let wrong_audience = TokenReviewStatus {
+            authenticated: Some(true),
+            user: Some(user("system:serviceaccount:demo:order-service")),
             audiences: Some(vec!["https://kubernetes.default.svc".into()]),
+            error: None,
         };
         let err = reviewer().account(wrong_audience).expect_err("audience");
         assert!(err.to_string().contains("audience `sidemesh`"), "{err}");
 
-        let user = ReviewStatus {
-            authenticated: true,
-            error: None,
-            user: Some(UserInfo {
-                username: "kubernetes-admin".into(),
-            }),
+        let admin = TokenReviewStatus {
+            authenticated: Some(true),
+            user: Some(user("kubernetes-admin")),
             audiences: None,
+            error: None,
         };
-        let err = reviewer().account(user).expect_err("not an SA");
+        let err = reviewer().account(admin).expect_err("not an SA");
         assert!(err.to_string().contains("not a service account"), "{err}");
     }
 }

@@ -7,6 +7,7 @@
 //! - `eventually`: bounded polling with a clear failure message (never sleep and hope).
 //! - `servers`: real servers to put behind the proxy (HTTP, WebSocket, TCP, gRPC echo).
 //! - `TestProxy`: the real proxy in-process on port 0, with a rewritable routing YAML.
+//! - `kube_api`: a local Kubernetes API server (EndpointSlice list and watch, TokenReview).
 //! - `netns`: network namespaces (pods simulated as namespaces; root only).
 //! - `mesh`: the real control plane and proxies in control-plane mode, with mTLS.
 //! - `Rotel`: a real OpenTelemetry collector (`rotel` from PyPI) and the spans it received.
@@ -15,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 mod harness;
+pub mod kube_api;
 pub mod mesh;
 pub mod netns;
 mod proxy;

@@ -179,7 +179,6 @@ fn control_plane_args(
         kubernetes_token_file: None,
         kubernetes_ca_file: None,
         token_audience: "sidemesh".into(),
-        discovery_interval: Duration::from_secs(5),
         log_format: "text".into(),
     }
 }
