@@ -41,6 +41,21 @@ pub fn bin(name: &str) -> PathBuf {
             .unwrap_or("debug");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
+        // What `cargo test` sets for the test process would make this build differ from the
+        // caller's (build scripts watch CARGO_MANIFEST_DIR) and rebuild half the tree.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key == "CARGO_MANIFEST_DIR"
+                || key == "CARGO_MANIFEST_PATH"
+                || key == "CARGO_CRATE_NAME"
+                || key == "CARGO_PRIMARY_PACKAGE"
+                || key == "CARGO_TARGET_TMPDIR"
+                || key.starts_with("CARGO_PKG_")
+                || key.starts_with("CARGO_BIN_EXE_")
+            {
+                cmd.env_remove(key.as_ref());
+            }
+        }
         cmd.current_dir(workspace_root())
             .args(["build", "--workspace", "--bins"]);
         if profile != "debug" {

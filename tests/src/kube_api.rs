@@ -52,7 +52,7 @@ enum Change {
         kind: &'static str,
         object: Value,
     },
-    Bookmark(u64),
+    Bookmark,
     /// Compaction: open watches end with 410 Gone.
     Gone,
 }
@@ -195,7 +195,7 @@ impl KubeApi {
     /// Sends a `BOOKMARK` with the current resource version to watches that asked for them.
     pub fn bookmark(&self) {
         let version = self.lock().version;
-        let _ = self.changes.send((version, Change::Bookmark(version)));
+        let _ = self.changes.send((version, Change::Bookmark));
     }
 
     /// Compacts the history: open watches end with `410 Gone` and a watch from an older
@@ -349,13 +349,13 @@ impl KubeApi {
                     Ok((_, Change::Event { kind, object })) => {
                         json!({"type": kind, "object": object})
                     }
-                    Ok((v, Change::Bookmark(_))) if bookmarks => {
+                    Ok((v, Change::Bookmark)) if bookmarks => {
                         json!({"type": "BOOKMARK", "object": {
                             "kind": "EndpointSlice", "apiVersion": "discovery.k8s.io/v1",
                             "metadata": {"resourceVersion": v.to_string()}
                         }})
                     }
-                    Ok((_, Change::Bookmark(_))) => continue,
+                    Ok((_, Change::Bookmark)) => continue,
                     Ok((_, Change::Gone)) | Err(_) => {
                         let _ = tx.send(line(gone.clone())).await;
                         return;
