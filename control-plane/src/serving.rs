@@ -150,7 +150,7 @@ impl ServingCert {
     }
 
     /// Renews an issued certificate at about 70 % of its life; re-reads changed files every
-    /// 10 s. A failure keeps the certificate in force and is retried.
+    /// 2 s. A failure keeps the certificate in force and is retried.
     pub async fn maintain(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         loop {
             let wait = match &self.source {
@@ -162,7 +162,7 @@ impl ServingCert {
                         .unwrap_or_default()
                         .max(Duration::from_secs(1))
                 }
-                Source::Files { .. } => Duration::from_secs(10),
+                Source::Files { .. } => Duration::from_secs(2),
             };
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}

@@ -166,6 +166,7 @@ async fn session(
     applied_hash: &mut String,
 ) -> Result<(), StreamError> {
     let channel = me.control_plane.connect(None).await?;
+    proxy.identity.control_plane_reachable();
     // Registered as a meshed endpoint only with a certificate to prove it.
     proxy.identity.wait_ready().await;
     let (tx, rx) = mpsc::channel(8);
@@ -174,7 +175,7 @@ async fn session(
         .stream(ReceiverStream::new(rx))
         .await?
         .into_inner();
-    tracing::info!(control_plane = %me.control_plane.url, "connected to the control plane");
+    tracing::info!(control_plane = %me.control_plane.url, tls = me.control_plane.is_tls(), "connected to the control plane");
     while let Some(message) = inbound.message().await? {
         let Some(ControlKind::Snapshot(snapshot)) = message.kind else {
             continue;

@@ -110,6 +110,8 @@ pub struct IdentityState {
     pub source: Option<Source>,
     current: ArcSwapOption<Credentials>,
     installed: watch::Sender<u64>,
+    /// Wakes a waiting retry: the control plane was just reached.
+    retry: tokio::sync::Notify,
 }
 
 impl IdentityState {
@@ -118,6 +120,7 @@ impl IdentityState {
             source,
             current: ArcSwapOption::empty(),
             installed: watch::channel(0).0,
+            retry: tokio::sync::Notify::new(),
         }
     }
 
@@ -143,6 +146,14 @@ impl IdentityState {
             if rx.changed().await.is_err() {
                 return;
             }
+        }
+    }
+
+    /// The control plane answers again: a proxy still without a certificate asks at once
+    /// instead of waiting out its backoff.
+    pub fn control_plane_reachable(&self) {
+        if !self.ready() {
+            self.retry.notify_waiters();
         }
     }
 
@@ -237,6 +248,7 @@ pub async fn run(proxy: Arc<Proxy>, mut drain: Drain) {
         };
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
+            () = proxy.identity.retry.notified() => {}
             () = drain.signaled() => return,
         }
     }

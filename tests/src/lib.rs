@@ -10,6 +10,7 @@
 //! - `kube_api`: a local Kubernetes API server (EndpointSlice list and watch, TokenReview).
 //! - `netns`: network namespaces (pods simulated as namespaces; root only).
 //! - `mesh`: the real control plane and proxies in control-plane mode, with mTLS.
+//! - `pki`: CAs and certificates made in tests (roots, intermediates, leaves, servers).
 //! - `Rotel`: a real OpenTelemetry collector (`rotel` from PyPI) and the spans it received.
 //! - `skip`: skipping with a printed reason, turned into a failure when `SIDEMESH_NO_SKIP=1` (CI).
 
@@ -19,6 +20,7 @@ mod harness;
 pub mod kube_api;
 pub mod mesh;
 pub mod netns;
+pub mod pki;
 mod proxy;
 mod rotel;
 pub mod servers;

@@ -3,19 +3,15 @@
 //! impostor certificates are refused. Authorization, trust bundles with two roots, and
 //! certificate rotation under steady traffic.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use http::{Method, StatusCode};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
+use rcgen::{Issuer, KeyPair};
 use sidemesh_tests::Proc;
 use sidemesh_tests::http;
 use sidemesh_tests::mesh::Mesh;
+use sidemesh_tests::pki::{SClient, TestCa};
 use sidemesh_tests::servers::EchoServer;
 
 const ORDER_ID: &str = "spiffe://cluster.local/ns/demo/sa/order-service";
@@ -70,125 +66,51 @@ fn metric(text: &str, prefix: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Runs `openssl s_client` against `addr` with an HTTP/1.1 request on stdin; returns
-/// (handshake and request answered with 200?, output).
-fn s_client(
-    addr: std::net::SocketAddr,
-    cert: Option<(&Path, &Path)>,
-    alpn: &str,
-) -> (bool, String) {
-    let mut cmd = Command::new("openssl");
-    cmd.args([
-        "s_client",
-        "-connect",
-        &addr.to_string(),
-        "-tls1_3",
-        "-quiet",
-        "-no_ign_eof",
-    ]);
-    if !alpn.is_empty() {
-        cmd.args(["-alpn", alpn]);
-    }
-    if let Some((cert, key)) = cert {
-        cmd.arg("-cert").arg(cert).arg("-key").arg(key);
-    }
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("openssl s_client (install openssl)");
-    let mut stdin = child.stdin.take().expect("stdin");
-    let _ = stdin
-        .write_all(b"GET /headers HTTP/1.1\r\nhost: user-service\r\nconnection: close\r\n\r\n");
-    // Keep stdin open while the answer comes; s_client exits when the server closes.
-    let out = std::thread::spawn(move || child.wait_with_output());
-    std::thread::sleep(Duration::from_millis(1500));
-    drop(stdin);
-    let output = out.join().expect("join").expect("s_client output");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+const REQUEST: &[u8] = b"GET /headers HTTP/1.1\r\nhost: user-service\r\nconnection: close\r\n\r\n";
+
+/// One request from `openssl s_client` to `addr`, waiting until the proxy ends the connection.
+fn s_client(addr: std::net::SocketAddr, cert: Option<(&Path, &Path)>, alpn: &str) -> SClient {
+    sidemesh_tests::pki::s_client(addr, cert, alpn, &[], REQUEST)
+}
+
+/// The proxy refused the handshake with `alert`, and nothing was answered.
+fn assert_alert(seen: &SClient, alert: &str, why: &str) {
+    assert!(
+        seen.closed_by_server,
+        "{why}: the proxy must end the connection:\n{}",
+        seen.text()
     );
-    (text.contains("HTTP/1.1 200"), text)
+    assert_eq!(
+        seen.alert().as_deref(),
+        Some(alert),
+        "{why}:\n{}",
+        seen.text()
+    );
+    assert!(
+        !seen.stdout.contains("HTTP/1.1"),
+        "{why}: nothing answered:\n{}",
+        seen.text()
+    );
 }
 
-/// A CA made in the test: a root, or an intermediate signed by another.
-struct TestCa {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-impl TestCa {
-    fn root(name: &str) -> TestCa {
-        let key = KeyPair::generate().expect("key");
-        let params = ca_params(name);
-        let pem = params.self_signed(&key).expect("self-signed").pem();
-        TestCa {
-            issuer: Issuer::new(params, key),
-            pem,
-        }
-    }
-
-    fn intermediate(name: &str, parent: &TestCa) -> TestCa {
-        let key = KeyPair::generate().expect("key");
-        let params = ca_params(name);
-        let pem = params
-            .signed_by(&key, &parent.issuer)
-            .expect("signed")
-            .pem();
-        TestCa {
-            issuer: Issuer::new(params, key),
-            pem,
-        }
-    }
-
-    fn key_pem(&self) -> String {
-        self.issuer.key().serialize_pem()
-    }
-
-    /// A workload certificate for `identity`, valid from `from` to `to` (seconds from now).
-    fn leaf(
-        &self,
-        dir: &Path,
-        name: &str,
-        identity: &str,
-        from: i64,
-        to: i64,
-    ) -> (PathBuf, PathBuf) {
-        let key = KeyPair::generate().expect("key");
-        let mut params = CertificateParams::default();
-        params.subject_alt_names =
-            vec![SanType::URI(identity.to_string().try_into().expect("uri"))];
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now + time::Duration::seconds(from);
-        params.not_after = now + time::Duration::seconds(to);
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ClientAuth,
-            ExtendedKeyUsagePurpose::ServerAuth,
-        ];
-        let cert = params.signed_by(&key, &self.issuer).expect("leaf");
-        let (cert_path, key_path) = (
-            dir.join(format!("{name}.crt")),
-            dir.join(format!("{name}.key")),
-        );
-        std::fs::write(&cert_path, cert.pem()).expect("write cert");
-        std::fs::write(&key_path, key.serialize_pem()).expect("write key");
-        (cert_path, key_path)
-    }
-}
-
-fn ca_params(name: &str) -> CertificateParams {
-    let mut params = CertificateParams::default();
-    params.distinguished_name.push(DnType::CommonName, name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    params
+/// The handshake succeeded, then the proxy closed the connection without answering.
+fn assert_closed_unanswered(seen: &SClient, why: &str) {
+    assert!(
+        seen.closed_by_server,
+        "{why}: the proxy must close the connection:\n{}",
+        seen.text()
+    );
+    assert_eq!(
+        seen.alert(),
+        None,
+        "{why}: no handshake alert:\n{}",
+        seen.text()
+    );
+    assert!(
+        seen.stdout.is_empty(),
+        "{why}: no bytes come back:\n{}",
+        seen.text()
+    );
 }
 
 /// The control plane's own generated CA, read back from its data folder (as an operator
@@ -301,17 +223,26 @@ async fn foreign_tls_clients_without_a_valid_certificate_are_refused() {
     // The control: a certificate from the mesh CA for an allowed identity is accepted, so the
     // refusals below are about the certificates.
     let good = ca.leaf(&dir, "good", ORDER_ID, -60, 3600);
-    let (ok, out) = s_client(inbound, Some((&good.0, &good.1)), "http/1.1,sidemesh");
-    assert!(ok, "a valid mesh certificate is accepted:\n{out}");
-    assert!(out.contains(ORDER_ID), "the app saw the identity:\n{out}");
-
-    let (ok, out) = s_client(inbound, None, "http/1.1,sidemesh");
-    assert!(!ok, "no client certificate must be refused:\n{out}");
-    let (ok, out) = s_client(inbound, None, "");
+    let seen = s_client(inbound, Some((&good.0, &good.1)), "http/1.1,sidemesh");
     assert!(
-        !ok,
-        "an ordinary TLS client is refused in strict mode:\n{out}"
+        seen.stdout.contains("HTTP/1.1 200"),
+        "a valid mesh certificate is accepted:\n{}",
+        seen.text()
     );
+    assert!(
+        seen.stdout.contains(ORDER_ID),
+        "the app saw the identity:\n{}",
+        seen.text()
+    );
+    assert!(seen.closed_by_server, "`connection: close` is honoured");
+    assert_eq!(users.hits(), 1);
+
+    let seen = s_client(inbound, None, "http/1.1,sidemesh");
+    assert_alert(&seen, "certificate required", "no client certificate");
+    // An ordinary TLS client (no mesh ALPN) is cut off before the handshake completes.
+    let seen = s_client(inbound, None, "");
+    assert_closed_unanswered(&seen, "an ordinary TLS client in strict mode");
+    assert!(seen.stderr.contains("unexpected eof"), "{}", seen.text());
 
     // A meshed workload the policy does not allow gets no further with opaque bytes (which
     // skip the HTTP handler) than with HTTP; and raw bytes never reach an HTTP port.
@@ -322,31 +253,33 @@ async fn foreign_tls_clients_without_a_valid_certificate_are_refused() {
         -60,
         3600,
     );
-    let (ok, out) = s_client(inbound, Some((&stranger.0, &stranger.1)), "sidemesh");
-    assert!(!ok, "a denied identity cannot tunnel opaque bytes:\n{out}");
-    let (ok, out) = s_client(inbound, Some((&good.0, &good.1)), "sidemesh");
-    assert!(
-        !ok,
-        "opaque bytes are not spliced to an HTTP port, even for an allowed peer:\n{out}"
+    let seen = s_client(inbound, Some((&stranger.0, &stranger.1)), "sidemesh");
+    assert_closed_unanswered(&seen, "a denied identity cannot tunnel opaque bytes");
+    let seen = s_client(inbound, Some((&good.0, &good.1)), "sidemesh");
+    assert_closed_unanswered(
+        &seen,
+        "opaque bytes are not spliced to an HTTP port, even for an allowed peer",
     );
-    let (ok, out) = s_client(
+    let seen = s_client(
         inbound,
         Some((&stranger.0, &stranger.1)),
         "http/1.1,sidemesh",
     );
     assert!(
-        !ok && out.contains("403"),
-        "a denied identity gets a 403 over HTTP:\n{out}"
+        seen.stdout.starts_with("HTTP/1.1 403")
+            && seen.stdout.contains("x-sidemesh-error: forbidden"),
+        "a denied identity gets the proxy's 403 over HTTP:\n{}",
+        seen.text()
     );
 
     let other = TestCa::root("some other CA");
     let foreign = other.leaf(&dir, "foreign", ORDER_ID, -60, 3600);
-    let (ok, out) = s_client(inbound, Some((&foreign.0, &foreign.1)), "http/1.1,sidemesh");
-    assert!(!ok, "a certificate from another CA must be refused:\n{out}");
+    let seen = s_client(inbound, Some((&foreign.0, &foreign.1)), "http/1.1,sidemesh");
+    assert_alert(&seen, "unknown ca", "a certificate from another CA");
 
     let expired = ca.leaf(&dir, "expired", ORDER_ID, -7200, -3600);
-    let (ok, out) = s_client(inbound, Some((&expired.0, &expired.1)), "http/1.1,sidemesh");
-    assert!(!ok, "an expired certificate must be refused:\n{out}");
+    let seen = s_client(inbound, Some((&expired.0, &expired.1)), "http/1.1,sidemesh");
+    assert_alert(&seen, "certificate expired", "an expired certificate");
 
     let m = metrics(&user_proxy).await;
     assert!(
@@ -464,23 +397,24 @@ async fn a_trust_bundle_with_two_roots_is_accepted_during_a_root_rotation() {
     std::fs::create_dir_all(&certs).expect("mkdir");
     let inbound = user_proxy.listener("inbound");
     let from_old = old.leaf(&certs, "old", ORDER_ID, -60, 3600);
-    let (ok, out) = s_client(
+    let seen = s_client(
         inbound,
         Some((&from_old.0, &from_old.1)),
         "http/1.1,sidemesh",
     );
     assert!(
-        ok,
-        "a certificate from the old root is trusted during the rotation:\n{out}"
+        seen.stdout.contains("HTTP/1.1 200"),
+        "a certificate from the old root is trusted during the rotation:\n{}",
+        seen.text()
     );
     // while a root outside the bundle is not.
     let outsider = TestCa::root("outsider").leaf(&certs, "outsider", ORDER_ID, -60, 3600);
-    let (ok, out) = s_client(
+    let seen = s_client(
         inbound,
         Some((&outsider.0, &outsider.1)),
         "http/1.1,sidemesh",
     );
-    assert!(!ok, "a root outside the bundle is refused:\n{out}");
+    assert_alert(&seen, "unknown ca", "a root outside the bundle");
 }
 
 #[tokio::test(flavor = "multi_thread")]

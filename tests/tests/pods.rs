@@ -7,7 +7,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
-use sidemesh_tests::netns::{Netns, cannot_run, run};
+use sidemesh_tests::netns::{Capture, Netns, cannot_run, run};
 use sidemesh_tests::{Proc, Rotel, bin, eventually, skip};
 
 const HOST_IP: &str = "10.203.0.253";
@@ -241,14 +241,7 @@ async fn pods_talk_mutual_tls_through_intercepted_plain_calls() {
 
     // Capture what crosses user-service's link while the order is placed.
     let pcap = dir.path().join("wire.pcap");
-    let mut capture = std::process::Command::new("ip")
-        .args(["netns", "exec", &net.0, "tcpdump", "-i", "vu", "-U", "-w"])
-        .arg(&pcap)
-        .args(["tcp", "port", "8081"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("tcpdump");
-    std::thread::sleep(Duration::from_millis(800));
+    let capture = Capture::start(&net.0, "vu", "tcp port 8081", &pcap);
     let traceparent = "00-3bf92f3577b34da6a3ce929d0e0e4735-00f067aa0ba902b7-01";
     let created = orders.ns.exec(&[
         "curl",
@@ -263,18 +256,13 @@ async fn pods_talk_mutual_tls_through_intercepted_plain_calls() {
         r#"{"user_id": 2, "items": [{"sku": "book-42", "quantity": 1}]}"#,
         "http://127.0.0.1:8082/orders",
     ]);
-    std::thread::sleep(Duration::from_millis(800));
-    let _ = std::process::Command::new("kill")
-        .args(["-INT", &capture.id().to_string()])
-        .status();
-    let _ = capture.wait();
+    let wire = capture.finish(USER_IP.parse().expect("ip"));
     assert!(
         created.contains("Grace Hopper"),
         "the order embeds the user fetched from the other pod: {created}"
     );
 
     // The wire carried TLS (a ClientHello record), and none of the request in clear.
-    let wire = std::fs::read(&pcap).expect("pcap");
     let has = |needle: &[u8]| wire.windows(needle.len()).any(|w| w == needle);
     assert!(
         has(&[0x16, 0x03, 0x01]),
