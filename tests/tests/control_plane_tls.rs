@@ -36,7 +36,11 @@ fn proxy(grpc: &str, token: &str, bundle: &str, app: &str, extra: &[&str]) -> Pr
         args.extend(["--trust-bundle", bundle]);
     }
     args.extend_from_slice(extra);
-    Proc::start_until("sidemesh-proxy", &args, "waiting for a workload certificate from the control plane")
+    Proc::start_until(
+        "sidemesh-proxy",
+        &args,
+        "waiting for a workload certificate from the control plane",
+    )
 }
 
 async fn ready(proxy: &Proc) -> (StatusCode, String) {
