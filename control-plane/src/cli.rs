@@ -72,6 +72,13 @@ pub enum Command {
         /// of being a native sidecar.
         #[arg(long)]
         legacy_sidecar: bool,
+        /// The mesh's trust bundle (PEM), which injected proxies pin for the control plane:
+        /// `kubectl -n sidemesh-system get configmap sidemesh-trust-bundle -o jsonpath='{.data.ca\.crt}'`.
+        #[arg(long, env = "SIDEMESH_TRUST_BUNDLE_FILE")]
+        trust_bundle: Option<PathBuf>,
+        /// Inject even pods that already carry another mesh's proxy.
+        #[arg(long)]
+        force: bool,
     },
     /// Print the JSON Schema of the routing language (or its field reference as Markdown).
     Schema {
@@ -146,33 +153,16 @@ pub fn run(cli: Cli) -> ExitCode {
             image,
             control_plane,
             legacy_sidecar,
-        } => {
-            let mut config = crate::inject::InjectConfig {
-                legacy_sidecar,
-                ..crate::inject::InjectConfig::default()
-            };
-            if let Some(image) = image {
-                config.image = image;
-            }
-            if let Some(url) = control_plane {
-                config.control_plane = url;
-            }
-            match read_manifests(&path).map(|text| crate::inject::inject_documents(&text, &config))
-            {
-                Ok(Ok(out)) => {
-                    print!("{out}");
-                    ExitCode::SUCCESS
-                }
-                Ok(Err(e)) => {
-                    eprintln!("error: {}: {e}", path.display());
-                    ExitCode::from(1)
-                }
-                Err(e) => {
-                    eprintln!("error: {}: {e}", path.display());
-                    ExitCode::from(2)
-                }
-            }
-        }
+            trust_bundle,
+            force,
+        } => inject(
+            &path,
+            image,
+            control_plane,
+            legacy_sidecar,
+            trust_bundle,
+            force,
+        ),
         Command::Schema { markdown } => {
             if markdown {
                 print!("{}", schema::field_reference());
@@ -180,6 +170,57 @@ pub fn run(cli: Cli) -> ExitCode {
                 print!("{}", schema::json_schema());
             }
             ExitCode::SUCCESS
+        }
+    }
+}
+
+/// `sidemesh inject`: the injected manifests on stdout, notes and refusals on stderr. Exit
+/// code 1 for a refusal (nothing is printed then), 2 for unreadable input.
+fn inject(
+    path: &std::path::Path,
+    image: Option<String>,
+    control_plane: Option<String>,
+    legacy_sidecar: bool,
+    trust_bundle: Option<PathBuf>,
+    force: bool,
+) -> ExitCode {
+    let mut config = crate::inject::InjectConfig {
+        legacy_sidecar,
+        force,
+        ..crate::inject::InjectConfig::default()
+    };
+    if let Some(image) = image {
+        config.image = image;
+    }
+    if let Some(url) = control_plane {
+        config.control_plane = url;
+    }
+    match trust_bundle.map(|p| (std::fs::read_to_string(&p), p)) {
+        Some((Ok(pem), _)) => config.trust_bundle = pem,
+        Some((Err(e), p)) => {
+            eprintln!("error: --trust-bundle {}: {e}", p.display());
+            return ExitCode::from(2);
+        }
+        None => {}
+    }
+    let text = match read_manifests(path) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("error: {}: {e}", path.display());
+            return ExitCode::from(2);
+        }
+    };
+    match crate::inject::inject_documents(&text, &config) {
+        Ok(out) => {
+            for note in &out.notes {
+                eprintln!("sidemesh inject: {note}");
+            }
+            print!("{}", out.text);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}: {e}", path.display());
+            ExitCode::from(1)
         }
     }
 }

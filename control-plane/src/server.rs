@@ -177,7 +177,7 @@ async fn webhook(args: &Args, ca: &Authority) -> Result<Option<Webhook>, StartEr
         return Ok(None);
     };
     let mut inject = crate::inject::InjectConfig {
-        trust_bundle: Some(ca.roots_pem()),
+        trust_bundle: ca.roots_pem(),
         ..crate::inject::InjectConfig::default()
     };
     if let Some(image) = &args.proxy_image {

@@ -20,15 +20,17 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::inject::{InjectConfig, inject_template};
+use crate::inject::{InjectConfig, Outcome, inject_template};
 
 /// Largest AdmissionReview accepted (a pod spec is far smaller).
 const MAX_BODY: usize = 4 << 20;
 
-/// The patch for one AdmissionReview request, or `None` when the pod is left alone.
-pub fn patch_for(object: &Value, config: &InjectConfig) -> Option<Vec<Value>> {
+/// The patch for one AdmissionReview request (`None` when the pod is left alone), and the
+/// warnings the API server shows the user (`kubectl` prints them): why a pod was left alone,
+/// or what to watch out for. A pod is never blocked: the webhook only adds or skips.
+pub fn patch_for(object: &Value, config: &InjectConfig) -> (Option<Vec<Value>>, Vec<String>) {
     if object.get("kind").and_then(Value::as_str) != Some("Pod") {
-        return None;
+        return (None, Vec::new());
     }
     let mut pod = object.clone();
     let owner = object
@@ -38,13 +40,22 @@ pub fn patch_for(object: &Value, config: &InjectConfig) -> Option<Vec<Value>> {
         .or_else(|| object.pointer("/metadata/name").and_then(Value::as_str))
         .unwrap_or("pod")
         .to_string();
-    if !inject_template(&mut pod, &owner, config) {
-        return None;
+    match inject_template(&mut pod, &owner, false, config) {
+        Outcome::Injected { notes } => {
+            let patch = vec![
+                json!({"op": "replace", "path": "/spec", "value": pod["spec"]}),
+                json!({"op": "add", "path": "/metadata/annotations", "value": pod["metadata"]["annotations"]}),
+            ];
+            let warnings = notes
+                .into_iter()
+                .map(|n| format!("sidemesh: {n}"))
+                .collect();
+            (Some(patch), warnings)
+        }
+        Outcome::Skipped(why) | Outcome::Refused(why) => {
+            (None, vec![format!("sidemesh: not injected: {why}")])
+        }
     }
-    Some(vec![
-        json!({"op": "replace", "path": "/spec", "value": pod["spec"]}),
-        json!({"op": "add", "path": "/metadata/annotations", "value": pod["metadata"]["annotations"]}),
-    ])
 }
 
 /// The AdmissionReview answering `review`.
@@ -57,10 +68,16 @@ pub fn review(review: &Value, config: &InjectConfig) -> Result<Value, String> {
         .and_then(Value::as_str)
         .ok_or("the request has no `uid`")?;
     let mut response = json!({"uid": uid, "allowed": true});
-    if let Some(patch) = request.get("object").and_then(|o| patch_for(o, config)) {
-        let patch = serde_json::to_vec(&patch).map_err(|e| e.to_string())?;
-        response["patchType"] = json!("JSONPatch");
-        response["patch"] = json!(base64::engine::general_purpose::STANDARD.encode(patch));
+    if let Some(object) = request.get("object") {
+        let (patch, warnings) = patch_for(object, config);
+        if let Some(patch) = patch {
+            let patch = serde_json::to_vec(&patch).map_err(|e| e.to_string())?;
+            response["patchType"] = json!("JSONPatch");
+            response["patch"] = json!(base64::engine::general_purpose::STANDARD.encode(patch));
+        }
+        if !warnings.is_empty() {
+            response["warnings"] = json!(warnings);
+        }
     }
     Ok(json!({
         "apiVersion": "admission.k8s.io/v1",
@@ -147,6 +164,13 @@ async fn answer(req: Request<Incoming>, config: &InjectConfig) -> Response<Full<
 mod tests {
     use super::*;
 
+    fn config() -> InjectConfig {
+        InjectConfig {
+            trust_bundle: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+            ..InjectConfig::default()
+        }
+    }
+
     #[test]
     fn a_pod_gets_a_patch_and_an_opted_out_pod_none() {
         let pod = json!({
@@ -156,7 +180,7 @@ mod tests {
         });
         let answer = review(
             &json!({"request": {"uid": "u-1", "object": pod}}),
-            &InjectConfig::default(),
+            &config(),
         )
         .expect("review");
         assert_eq!(answer["response"]["uid"], "u-1");
@@ -166,10 +190,25 @@ mod tests {
         opted["metadata"]["annotations"] = json!({"sidemesh.io/inject": "disabled"});
         let answer = review(
             &json!({"request": {"uid": "u-2", "object": opted}}),
-            &InjectConfig::default(),
+            &config(),
         )
         .expect("review");
         assert!(answer["response"].get("patch").is_none());
-        assert!(review(&json!({}), &InjectConfig::default()).is_err());
+        assert!(
+            answer["response"]["warnings"][0]
+                .as_str()
+                .is_some_and(|w| w.contains("opted out")),
+            "{answer}"
+        );
+        let mut host = pod.clone();
+        host["spec"]["hostNetwork"] = json!(true);
+        let answer = review(
+            &json!({"request": {"uid": "u-3", "object": host}}),
+            &config(),
+        )
+        .expect("review");
+        assert_eq!(answer["response"]["allowed"], true, "never blocked");
+        assert!(answer["response"].get("patch").is_none());
+        assert!(review(&json!({}), &config()).is_err());
     }
 }

@@ -30,6 +30,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut drain: Drain) {
             () = drain.signaled() => break,
         };
         let (proxy, drain) = (proxy.clone(), drain.clone());
+        let mut closing = drain.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {
                 // An application probe is answered by asking the application; the rest at once.
@@ -43,9 +44,18 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut drain: Drain) {
                     })
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            // Idle keep-alive connections (a scraper's, a probe's) must not hold up a drain:
+            // on shutdown, finish the request in progress and close.
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = closing.signaled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
         });
     }
 }

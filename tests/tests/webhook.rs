@@ -54,8 +54,6 @@ fn the_webhook_patches_pods_over_tls() {
         &[
             "--webhook",
             "127.0.0.1:0",
-            "--webhook-dns",
-            "localhost",
             "--proxy-image",
             "registry.example/sidemesh-proxy:test",
         ],
@@ -103,6 +101,16 @@ fn the_webhook_patches_pods_over_tls() {
         pod.to_string().contains("\"value\":\"user-service\""),
         "the service comes from the app label"
     );
+    let bundle = pod["spec"]["initContainers"][1]["env"]
+        .as_array()
+        .and_then(|env| env.iter().find(|e| e["name"] == "SIDEMESH_TRUST_BUNDLE"))
+        .and_then(|e| e["value"].as_str())
+        .expect("the trust bundle is injected");
+    assert_eq!(
+        bundle,
+        std::fs::read_to_string(mesh.trust_bundle()).expect("bundle"),
+        "the proxy pins the mesh's own roots"
+    );
 
     // The patched pod is a valid Pod.
     pod["metadata"]["name"] = json!("user-service-5c8d7f9b6d-abcde");
@@ -119,6 +127,31 @@ fn the_webhook_patches_pods_over_tls() {
     let answer = post(&url, &ca, &opted.to_string());
     assert_eq!(answer["response"]["allowed"], true);
     assert!(answer["response"].get("patch").is_none(), "{answer}");
+
+    // Pods injection must not touch are never blocked either: allowed unchanged, with a
+    // warning the API server shows the user.
+    let mut host: Value = serde_json::from_str(&body).expect("json");
+    host["request"]["object"]["spec"]["hostNetwork"] = json!(true);
+    let mut meshed: Value = serde_json::from_str(&body).expect("json");
+    meshed["request"]["object"]["spec"]["containers"]
+        .as_array_mut()
+        .expect("containers")
+        .push(json!({"name": "istio-proxy", "image": "docker.io/istio/proxyv2:1.23.0"}));
+    for (review, why) in [
+        (host, "hostNetwork: true"),
+        (meshed, "already belongs to Istio"),
+    ] {
+        let answer = post(&url, &ca, &review.to_string());
+        assert_eq!(answer["response"]["allowed"], true, "{answer}");
+        assert!(answer["response"].get("patch").is_none(), "{answer}");
+        let warning = answer["response"]["warnings"][0]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            warning.starts_with("sidemesh: not injected:") && warning.contains(why),
+            "{answer}"
+        );
+    }
 
     // Without the mesh CA, a client cannot verify the webhook (it is TLS, with our CA).
     let out = Command::new("curl")
