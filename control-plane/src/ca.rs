@@ -137,7 +137,12 @@ impl Authority {
     pub fn roots_pem(&self) -> String {
         self.roots
             .iter()
-            .map(|c| ::pem::encode(&::pem::Pem::new("CERTIFICATE", c.to_vec())))
+            .map(|c| {
+                ::pem::encode_config(
+                    &::pem::Pem::new("CERTIFICATE", c.to_vec()),
+                    ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF),
+                )
+            })
             .collect()
     }
 

@@ -80,6 +80,16 @@ pub enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Print the whole control-plane installation for Kubernetes (namespace, RBAC, CA Secret,
+    /// trust bundle, routing config, Deployment, Service, webhook):
+    /// `sidemesh install | kubectl apply -f -`.
+    Install(crate::install::InstallArgs),
+    /// Print what `sidemesh install` created, for `sidemesh uninstall | kubectl delete -f -`
+    /// (the webhook first; the namespace takes the rest with it).
+    Uninstall {
+        #[arg(long, default_value = "sidemesh-system")]
+        namespace: String,
+    },
     /// Print the JSON Schema of the routing language (or its field reference as Markdown).
     Schema {
         /// Print the Markdown field reference used in the README instead.
@@ -163,6 +173,29 @@ pub fn run(cli: Cli) -> ExitCode {
             trust_bundle,
             force,
         ),
+        Command::Install(args) => match crate::install::render(&args) {
+            Ok(rendered) => {
+                for note in &rendered.notes {
+                    eprintln!("sidemesh install: {note}");
+                }
+                print!("{}", rendered.text);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Uninstall { namespace } => match crate::install::uninstall(&namespace) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(1)
+            }
+        },
         Command::Schema { markdown } => {
             if markdown {
                 print!("{}", schema::field_reference());

@@ -11,6 +11,8 @@
 //! - `serving`: the control plane's own TLS certificate (proxies' API, webhook), renewed.
 //! - `identity`: the gRPC identity service: credential check, then a signed certificate.
 //! - `inject`: `sidemesh inject`, the proxy added to pod templates (also the webhook's patch).
+//! - `install`: `sidemesh install` / `uninstall`, the control plane as one manifest.
+//! - `k8syaml`: manifests read and written as Kubernetes reads them (YAML 1.1 scalars).
 //! - `webhook`: the mutating admission webhook (AdmissionReview v1, JSONPatch, TLS).
 //! - `status`: `sidemesh status`.
 //! - `stat`: `sidemesh stat`, live per-service traffic from the proxies' metrics.
@@ -32,6 +34,7 @@ pub mod endpointslices;
 pub mod hub;
 pub mod identity;
 pub mod inject;
+pub mod install;
 pub mod k8syaml;
 pub mod metrics;
 pub mod registry;
