@@ -433,6 +433,11 @@ impl App {
         } else {
             tracing::warn!("drain timeout reached with connections still open; exiting");
         }
+        // The last requests' spans go out before the process does.
+        self.proxy
+            .tracing
+            .flush(std::time::Duration::from_secs(2))
+            .await;
     }
 }
 

@@ -78,6 +78,8 @@ pub struct Active {
     protocol: OtlpProtocol,
     provider: SdkTracerProvider,
     tracer: SdkTracer,
+    /// Asks the export task to send what is queued now; it answers when done.
+    flush: mpsc::Sender<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Drop for Active {
@@ -168,7 +170,8 @@ impl Tracing {
             .build();
         opentelemetry_sdk::trace::SpanExporter::set_resource(&mut exporter, &resource);
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(export_loop(exporter, rx, self.counters.clone()));
+        let (flush, flushes) = mpsc::channel(1);
+        tokio::spawn(export_loop(exporter, rx, flushes, self.counters.clone()));
         let provider = SdkTracerProvider::builder()
             // The ratio is applied before spans are built (`start_request`); what reaches the
             // SDK is kept unless its parent was not.
@@ -185,7 +188,25 @@ impl Tracing {
             protocol,
             provider,
             tracer,
+            flush,
         })
+    }
+
+    /// Sends every span still queued (at shutdown: the last requests' spans must not be lost),
+    /// waiting `timeout` at most.
+    pub async fn flush(&self, timeout: Duration) {
+        let Some(active) = self.active.load_full() else {
+            return;
+        };
+        let (done, wait) = tokio::sync::oneshot::channel();
+        let asked = async {
+            if active.flush.send(done).await.is_ok() {
+                let _ = wait.await;
+            }
+        };
+        if tokio::time::timeout(timeout, asked).await.is_err() {
+            tracing::warn!(?timeout, "spans still queued at exit were not all sent");
+        }
     }
 
     pub fn is_on(&self) -> bool {
@@ -496,40 +517,84 @@ impl SpanProcessor for Queue {
     }
 }
 
-/// Batches spans from the queue and exports them; a failed export drops its batch.
+/// Batches spans from the queue and exports them; a failed export drops its batch. A flush
+/// request sends what is queued at once.
 async fn export_loop(
     exporter: opentelemetry_otlp::SpanExporter,
     mut rx: mpsc::Receiver<SpanData>,
+    mut flushes: mpsc::Receiver<tokio::sync::oneshot::Sender<()>>,
     counters: Counters,
 ) {
     let mut last_warning: Option<tokio::time::Instant> = None;
-    while let Some(first) = rx.recv().await {
+    let mut flushes_open = true;
+    loop {
+        let (first, flush) = tokio::select! {
+            span = rx.recv() => match span {
+                Some(span) => (Some(span), None),
+                None => return,
+            },
+            asked = flushes.recv(), if flushes_open => match asked {
+                Some(done) => (None, Some(done)),
+                None => {
+                    flushes_open = false;
+                    continue;
+                }
+            },
+        };
         let mut batch = Vec::with_capacity(BATCH);
-        batch.push(first);
-        let deadline = tokio::time::Instant::now() + BATCH_DELAY;
-        while batch.len() < BATCH {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(span)) => batch.push(span),
-                Ok(None) | Err(_) => break,
+        batch.extend(first);
+        if flush.is_some() {
+            while let Ok(span) = rx.try_recv() {
+                batch.push(span);
+            }
+        } else {
+            let deadline = tokio::time::Instant::now() + BATCH_DELAY;
+            while batch.len() < BATCH {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(span)) => batch.push(span),
+                    Ok(None) | Err(_) => break,
+                }
             }
         }
-        let n = batch.len() as u64;
-        let result = tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(batch)).await;
-        match result {
-            Ok(Ok(())) => {
-                counters.exported.inc_by(n);
-            }
-            failed => {
-                counters.dropped_export_failed.inc_by(n);
-                let why = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => format!("no answer within {EXPORT_TIMEOUT:?}"),
-                };
-                // One warning per minute at most: a collector that is down must not flood logs.
-                if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
-                    tracing::warn!(spans = n, error = %why, "span export failed; dropping the batch");
-                    last_warning = Some(tokio::time::Instant::now());
-                }
+        // Exported in batches of at most BATCH, a flush's too.
+        while !batch.is_empty() {
+            let rest = batch.split_off(batch.len().min(BATCH));
+            export(
+                &exporter,
+                std::mem::replace(&mut batch, rest),
+                &counters,
+                &mut last_warning,
+            )
+            .await;
+        }
+        if let Some(done) = flush {
+            let _ = done.send(());
+        }
+    }
+}
+
+async fn export(
+    exporter: &opentelemetry_otlp::SpanExporter,
+    batch: Vec<SpanData>,
+    counters: &Counters,
+    last_warning: &mut Option<tokio::time::Instant>,
+) {
+    let n = batch.len() as u64;
+    let result = tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(batch)).await;
+    match result {
+        Ok(Ok(())) => {
+            counters.exported.inc_by(n);
+        }
+        failed => {
+            counters.dropped_export_failed.inc_by(n);
+            let why = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => format!("no answer within {EXPORT_TIMEOUT:?}"),
+            };
+            // One warning per minute at most: a collector that is down must not flood logs.
+            if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                tracing::warn!(spans = n, error = %why, "span export failed; dropping the batch");
+                *last_warning = Some(tokio::time::Instant::now());
             }
         }
     }

@@ -114,6 +114,9 @@ fn proxy(dir: &std::path::Path, probes: &str, extra: &[&str]) -> Proc {
         "--app-probes",
         probes,
     ];
+    if !extra.contains(&"--admin") {
+        args.extend(["--admin", "127.0.0.1:0"]);
+    }
     args.extend_from_slice(extra);
     Proc::start_until("sidemesh-proxy", &args, "ready")
 }

@@ -527,7 +527,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         summary::one_line(&mesh)
     );
     println!(
-        "  control plane  grpc {cp_grpc}, admin http://{cp_admin}   (sidemesh status --control-plane http://{cp_admin})"
+        "  control plane  grpc https://{cp_grpc} (TLS), admin http://{cp_admin}   (sidemesh status --control-plane http://{cp_admin})"
     );
     for pod in &PODS {
         let app = pod
