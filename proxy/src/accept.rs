@@ -135,7 +135,6 @@ async fn handle(
             first_byte: proxy.timeouts.detect,
             head: proxy.timeouts.header,
             max_head_bytes: proxy.limits.max_header_bytes,
-            max_headers: proxy.limits.max_headers,
             http_only: matches!(port_protocol, Some(PortProtocol::Http | PortProtocol::Grpc))
                 && mtls == MtlsMode::Disabled,
         };
@@ -332,7 +331,7 @@ where
 /// Answers a connection refused during detection (when it spoke HTTP) and closes it.
 async fn refuse(mut stream: TcpStream, error: DetectError, proxy: &Proxy) {
     let (status, code, reason) = match &error {
-        DetectError::HeadTooLarge { .. } | DetectError::TooManyHeaders { .. } => (
+        DetectError::HeadTooLarge { .. } => (
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             "headers-too-large",
             "headers-too-large",

@@ -110,14 +110,23 @@ pub struct Addrs {
     pub upstreams: Vec<(String, SocketAddr)>,
 }
 
-async fn bind(listener: &str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            listener: listener.to_string(),
-            addr,
-            source,
-        })
+/// A listener with a backlog that absorbs bursts of new connections (tokio's default of 128
+/// drops SYNs under a burst, and each dropped SYN stalls a client's connect for a second).
+async fn bind(listener: &str, addr: SocketAddr, backlog: u32) -> Result<TcpListener, StartError> {
+    let bind = || -> std::io::Result<TcpListener> {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(backlog)
+    };
+    bind().map_err(|source| StartError::Bind {
+        listener: listener.to_string(),
+        addr,
+        source,
+    })
 }
 
 /// `name.namespace` or `name` (with `--namespace`) as a service id.
@@ -273,7 +282,7 @@ pub async fn build(args: Args) -> Result<App, StartError> {
     };
 
     let mut listeners = Vec::new();
-    let outbound = bind("outbound", args.outbound).await?;
+    let outbound = bind("outbound", args.outbound, args.limits.listen_backlog).await?;
     let outbound_addr = outbound.local_addr().map_err(|source| StartError::Bind {
         listener: "outbound".into(),
         addr: args.outbound,
@@ -282,20 +291,20 @@ pub async fn build(args: Args) -> Result<App, StartError> {
     listeners.push((ListenerKind::Outbound, outbound));
     let mut inbound_addr = None;
     if args.app.is_some() || args.mode == Mode::Transparent {
-        let inbound = bind("inbound", args.inbound).await?;
+        let inbound = bind("inbound", args.inbound, args.limits.listen_backlog).await?;
         inbound_addr = inbound.local_addr().ok();
         listeners.push((ListenerKind::Inbound, inbound));
     }
     let mut upstreams = Vec::new();
     for (service, addr) in &args.upstreams {
-        let listener = bind(&format!("upstream:{service}"), *addr).await?;
+        let listener = bind(&format!("upstream:{service}"), *addr, args.limits.listen_backlog).await?;
         upstreams.push((service.clone(), listener.local_addr().unwrap_or(*addr)));
         listeners.push((
             ListenerKind::Upstream(Arc::from(service.as_str())),
             listener,
         ));
     }
-    let admin = bind("admin", args.admin).await?;
+    let admin = bind("admin", args.admin, args.limits.listen_backlog).await?;
     let admin_addr = admin.local_addr().unwrap_or(args.admin);
 
     let span_counters = metrics.spans.clone();
@@ -312,6 +321,10 @@ pub async fn build(args: Args) -> Result<App, StartError> {
             connect_timeout: args.timeouts.connect,
             idle_timeout: args.timeouts.idle,
             max_idle: args.limits.max_idle_per_endpoint,
+            response_limits: crate::h1::head::HeadLimits {
+                max_bytes: args.limits.max_response_header_bytes,
+                max_headers: args.limits.max_response_headers,
+            },
         },
         limits: args.limits,
         timeouts: args.timeouts,

@@ -146,9 +146,19 @@ pub struct Limits {
     /// Largest request head (request line and headers) in bytes; larger is 431.
     #[arg(long, default_value_t = 16 * 1024)]
     pub max_header_bytes: usize,
-    /// Most request headers; more is 431.
+    /// Most request headers (HTTP/1 and HTTP/2 alike); more is 431.
     #[arg(long, default_value_t = 100)]
     pub max_headers: usize,
+    /// Largest upstream response head in bytes; larger is a 502 `upstream-headers-too-large`.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub max_response_header_bytes: usize,
+    /// Most upstream response headers; more is a 502 `upstream-headers-too-large`.
+    #[arg(long, default_value_t = 500)]
+    pub max_response_headers: usize,
+    /// Pending connections the kernel queues per listener before the proxy accepts them
+    /// (capped by net.core.somaxconn); bursts of new connections beyond it lose SYNs.
+    #[arg(long, default_value_t = 4096)]
+    pub listen_backlog: u32,
     /// Most concurrent HTTP/2 streams per client connection.
     #[arg(long, default_value_t = 1024)]
     pub max_concurrent_streams: u32,
@@ -165,10 +175,21 @@ pub struct Timeouts {
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     #[serde(serialize_with = "as_display")]
     pub detect: Duration,
-    /// How long a client may take to send a whole request head; slower clients are cut off.
+    /// How long a client may take to send a whole request head, from its first byte; slower
+    /// clients get a 408 `header-timeout`.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     #[serde(serialize_with = "as_display")]
     pub header: Duration,
+    /// How long a client's keep-alive connection may sit idle between requests before the
+    /// proxy closes it (nginx's keepalive_timeout is 75s too).
+    #[arg(long, value_parser = parse_duration, default_value = "75s")]
+    #[serde(serialize_with = "as_display")]
+    pub keepalive: Duration,
+    /// How long a request body may make no progress (no byte arrives) before the proxy
+    /// answers 408 `body-timeout` (nginx's client_body_timeout is 60s too).
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    #[serde(serialize_with = "as_display")]
+    pub body: Duration,
     /// Connecting to an upstream endpoint.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     #[serde(serialize_with = "as_display")]
@@ -231,6 +252,9 @@ impl Default for Limits {
             max_connections: 20_000,
             max_header_bytes: 16 * 1024,
             max_headers: 100,
+            max_response_header_bytes: 64 * 1024,
+            max_response_headers: 500,
+            listen_backlog: 4096,
             max_concurrent_streams: 1024,
             max_idle_per_endpoint: 64,
         }
@@ -242,6 +266,8 @@ impl Default for Timeouts {
         Self {
             detect: Duration::from_secs(10),
             header: Duration::from_secs(10),
+            keepalive: Duration::from_secs(75),
+            body: Duration::from_secs(60),
             connect: Duration::from_secs(1),
             idle: Duration::from_secs(60),
             drain: Duration::from_secs(10),

@@ -1,9 +1,10 @@
 //! Protocol detection: read the first bytes of a connection and decide how to serve it.
 //!
 //! HTTP/2 is recognised by its connection preface, TLS by a handshake record header, and
-//! HTTP/1.x by a request line; an HTTP/1 request head is read whole here (bounded in size
-//! and time), so a malformed or oversized first request gets a clear 400/431 from the proxy.
-//! Anything else is opaque TCP. A client that sends nothing within the detection timeout is
+//! HTTP/1.x by its request line (`token SP target SP HTTP/d.d`, after any empty lines, any
+//! method case). Only the first line is read here: the request head is read and checked by
+//! the HTTP/1 server (`h1::head`), with the limits every later request gets too. Anything
+//! else is opaque TCP. A client that sends nothing within the detection timeout is
 //! also opaque (server-first protocols such as SMTP or MySQL), unless the port is HTTP-only.
 
 use std::time::Duration;
@@ -28,10 +29,8 @@ pub enum Protocol {
 /// Why a connection is refused during detection; each maps to a response or a silent close.
 #[derive(Debug, thiserror::Error)]
 pub enum DetectError {
-    #[error("request head larger than {limit} bytes")]
+    #[error("request line longer than {limit} bytes")]
     HeadTooLarge { limit: usize },
-    #[error("more than {limit} request headers")]
-    TooManyHeaders { limit: usize },
     #[error("malformed HTTP request: {reason}")]
     Malformed { reason: String },
     #[error("request head not complete after {after:?}")]
@@ -50,7 +49,6 @@ pub struct DetectLimits {
     /// A started HTTP/1 request head must be complete by then.
     pub head: Duration,
     pub max_head_bytes: usize,
-    pub max_headers: usize,
     /// HTTP-only port: never fall back to opaque.
     pub http_only: bool,
 }
@@ -121,41 +119,42 @@ fn classify(buf: &[u8], limits: DetectLimits) -> Result<Option<Protocol>, Detect
             return Ok(Some(Protocol::Tls));
         }
     }
-    if !looks_like_http1(buf) {
-        return if limits.http_only {
-            Err(DetectError::Malformed {
-                reason: "not an HTTP request".into(),
-            })
-        } else {
-            Ok(Some(Protocol::Opaque))
-        };
-    }
-    let mut headers = vec![httparse::EMPTY_HEADER; limits.max_headers];
-    let mut req = httparse::Request::new(&mut headers);
-    match req.parse(buf) {
-        Ok(httparse::Status::Complete(_)) => Ok(Some(Protocol::Http1)),
-        Ok(httparse::Status::Partial) => Ok(None),
-        Err(httparse::Error::TooManyHeaders) => Err(DetectError::TooManyHeaders {
-            limit: limits.max_headers,
+    match request_line(buf, limits.max_head_bytes) {
+        Some(true) => Ok(Some(Protocol::Http1)),
+        None => Ok(None),
+        Some(false) if limits.http_only => Err(DetectError::Malformed {
+            reason: "not an HTTP request".into(),
         }),
-        Err(e) => Err(DetectError::Malformed {
-            reason: e.to_string(),
-        }),
+        Some(false) => Ok(Some(Protocol::Opaque)),
     }
 }
 
-/// An uppercase token (the method) followed by a space, or a prefix of one.
-fn looks_like_http1(buf: &[u8]) -> bool {
-    const MAX_METHOD: usize = 16;
-    for (i, &b) in buf.iter().enumerate().take(MAX_METHOD + 1) {
-        if b == b' ' {
-            return i > 0;
-        }
-        if !b.is_ascii_uppercase() && b != b'-' && b != b'_' {
-            return false;
-        }
+/// Whether `buf` starts with an HTTP/1 request line (`None`: not known yet).
+fn request_line(buf: &[u8], max: usize) -> Option<bool> {
+    const MAX_METHOD: usize = 32;
+    let mut start = 0;
+    while buf[start..].starts_with(b"\r\n") {
+        start += 2;
     }
-    buf.len() <= MAX_METHOD
+    let line = &buf[start..];
+    if line.is_empty() || line == b"\r" {
+        return None;
+    }
+    let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    match line.iter().position(|&b| !tchar(b)) {
+        Some(0) => return Some(false),
+        Some(i) if line[i] != b' ' || i > MAX_METHOD => return Some(false),
+        Some(_) => {}
+        None => return (line.len() > MAX_METHOD).then_some(false),
+    }
+    let Some(end) = line.iter().position(|&b| b == b'\n') else {
+        return (line.len() >= max).then_some(false);
+    };
+    let first = line[..end].strip_suffix(b"\r").unwrap_or(&line[..end]);
+    let version = first.len().checked_sub(9).map(|at| &first[at..]);
+    Some(version.is_some_and(|v| {
+        v.starts_with(b" HTTP/") && v[6].is_ascii_digit() && v[7] == b'.' && v[8].is_ascii_digit()
+    }))
 }
 
 #[cfg(test)]
@@ -167,7 +166,6 @@ mod tests {
             first_byte: Duration::from_secs(1),
             head: Duration::from_secs(1),
             max_head_bytes: 1024,
-            max_headers: 4,
             http_only: false,
         }
     }
@@ -181,7 +179,11 @@ mod tests {
                 .flatten(),
             Some(Protocol::Http1)
         );
-        assert_eq!(classify(b"GET / HTTP/1.1\r\nHo", l).ok().flatten(), None);
+        assert_eq!(
+            classify(b"GET / HTTP/1.1\r\nHo", l).ok().flatten(),
+            Some(Protocol::Http1),
+            "the request line decides"
+        );
         assert_eq!(classify(b"PRI * HTTP/2.0\r\n", l).ok().flatten(), None);
         assert_eq!(
             classify(H2_PREFACE, l).ok().flatten(),
@@ -199,15 +201,21 @@ mod tests {
             classify(b"hello\n", l).ok().flatten(),
             Some(Protocol::Opaque)
         );
-        assert!(matches!(
-            classify(b"GET /\r\n\r\n", l),
-            Err(DetectError::Malformed { .. })
-        ));
-        let many = b"GET / HTTP/1.1\r\na: 1\r\nb: 2\r\nc: 3\r\nd: 4\r\ne: 5\r\n\r\n";
-        assert!(matches!(
-            classify(many, l),
-            Err(DetectError::TooManyHeaders { limit: 4 })
-        ));
+        assert_eq!(
+            classify(b"GET /\r\n\r\n", l).ok().flatten(),
+            Some(Protocol::Opaque),
+            "HTTP/0.9 is not HTTP/1"
+        );
+        assert_eq!(
+            classify(b"\r\nget / HTTP/1.1\r\n", l).ok().flatten(),
+            Some(Protocol::Http1),
+            "any method case, after an empty line: the HTTP/1 server decides the rest"
+        );
+        assert_eq!(classify(b"GET / HTTP/1.1", l).ok().flatten(), None);
+        assert_eq!(
+            classify(b"set key value\r\n", l).ok().flatten(),
+            Some(Protocol::Opaque)
+        );
         let http_only = DetectLimits {
             http_only: true,
             ..l

@@ -11,13 +11,14 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response, Version};
-use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use http_body::Body as _;
+use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::TcpStream;
 
 use crate::body::Body;
+use crate::h1;
 use crate::identity::Credentials;
 use crate::respond::ProxyError;
 use crate::tls::{Carried, MaybeTls};
@@ -36,6 +37,8 @@ pub struct PoolConfig {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle: usize,
+    /// Bounds on upstream HTTP/1 response heads.
+    pub response_limits: crate::h1::head::HeadLimits,
 }
 
 #[derive(Debug)]
@@ -48,7 +51,7 @@ pub struct Endpoint {
     /// Milliseconds since `epoch()` until which the endpoint is ejected (0: not ejected).
     ejected_until: AtomicU64,
     ejections: AtomicU32,
-    h1_idle: Mutex<Vec<(http1::SendRequest<Body>, Instant)>>,
+    h1_idle: Mutex<Vec<(h1::client::Conn, Instant)>>,
     h2: tokio::sync::Mutex<Option<http2::SendRequest<Body>>>,
     pub connects: AtomicU64,
     pub connect_failures: AtomicU64,
@@ -153,7 +156,7 @@ impl Endpoint {
         req: Request<Body>,
         pool: &PoolConfig,
         tls: Option<&Credentials>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<Body>, ProxyError> {
         match req.version() {
             Version::HTTP_2 => self.send_h2(req, pool, tls).await,
             _ => self.send_h1(req, pool, tls).await,
@@ -216,60 +219,81 @@ impl Endpoint {
         req: Request<Body>,
         pool: &PoolConfig,
         tls: Option<&Credentials>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let mut sender = match self.checkout_h1(pool) {
-            Some(sender) => sender,
-            None => self.connect_h1(pool, tls).await?,
+    ) -> Result<Response<Body>, ProxyError> {
+        let cfg = h1::client::Config {
+            limits: pool.response_limits,
         };
-        let resp = sender
-            .send_request(req)
-            .await
-            .map_err(|source| ProxyError::Upstream {
-                endpoint: self.addr,
-                source,
-            })?;
-        // Back to the pool once the response body has been read to its end.
-        let this = Arc::clone(self);
-        let max_idle = pool.max_idle;
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                let mut idle = this.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
-                if idle.len() < max_idle {
-                    idle.push((sender, Instant::now()));
-                }
+        let (conn, reused) = match self.checkout_h1(pool) {
+            Some(conn) => (conn, true),
+            None => (self.connect_h1(pool, tls).await?, false),
+        };
+        // An idle connection the upstream closed at the same moment fails before any answer:
+        // a request without a body is then sent again on a new connection.
+        let again = (reused && req.body().is_end_stream()).then(|| without_body(&req));
+        match h1::client::send(conn, req, cfg, self.on_idle(pool)).await {
+            Ok(resp) => Ok(resp),
+            Err(h1::client::SendError::Closed { .. }) if again.is_some() => {
+                let conn = self.connect_h1(pool, tls).await?;
+                let req = again.expect("checked above");
+                h1::client::send(conn, req, cfg, self.on_idle(pool))
+                    .await
+                    .map_err(|e| self.h1_error(e))
             }
-        });
-        Ok(resp)
+            Err(e) => Err(self.h1_error(e)),
+        }
     }
 
-    /// A new HTTP/1.1 connection (upgrades allowed), driven by its own task.
+    fn h1_error(&self, error: h1::client::SendError) -> ProxyError {
+        use h1::client::SendError;
+        use h1::head::HeadError;
+        match error {
+            SendError::ClientBody(fault) => ProxyError::ClientBody(fault),
+            SendError::Body(e) => match h1::ClientBodyError::find(&*e) {
+                Some(fault) => ProxyError::ClientBody(fault.clone()),
+                None => ProxyError::ClientBody(h1::ClientBodyError::Aborted),
+            },
+            SendError::Head(e @ (HeadError::TooLarge { .. } | HeadError::TooManyHeaders { .. })) => {
+                ProxyError::UpstreamHeadTooLarge {
+                    endpoint: self.addr,
+                    reason: format!("response {e}"),
+                }
+            }
+            other => ProxyError::Upstream {
+                endpoint: self.addr,
+                reason: other.to_string(),
+            },
+        }
+    }
+
+    /// Puts a connection whose exchange ended cleanly back in the idle pool.
+    fn on_idle(self: &Arc<Self>, pool: &PoolConfig) -> h1::client::OnIdle {
+        let this = Arc::downgrade(self);
+        let max_idle = pool.max_idle;
+        Box::new(move |conn| {
+            if let Some(this) = this.upgrade() {
+                let mut idle = this.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
+                if idle.len() < max_idle {
+                    idle.push((conn, Instant::now()));
+                }
+            }
+        })
+    }
+
+    /// A new HTTP/1.1 connection.
     async fn connect_h1(
         &self,
         pool: &PoolConfig,
         tls: Option<&Credentials>,
-    ) -> Result<http1::SendRequest<Body>, ProxyError> {
+    ) -> Result<h1::client::Conn, ProxyError> {
         let io = self.connect(pool, tls, Carried::Http1).await?;
-        let (sender, conn) =
-            http1::Builder::new()
-                .handshake(io)
-                .await
-                .map_err(|e| ProxyError::Connect {
-                    endpoint: self.addr,
-                    reason: e.to_string(),
-                })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream HTTP/1 connection ended");
-            }
-        });
-        Ok(sender)
+        Ok(h1::client::Conn::new(Box::new(io.into_inner())))
     }
 
-    fn checkout_h1(&self, pool: &PoolConfig) -> Option<http1::SendRequest<Body>> {
+    fn checkout_h1(&self, pool: &PoolConfig) -> Option<h1::client::Conn> {
         let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some((sender, since)) = idle.pop() {
-            if since.elapsed() < pool.idle_timeout && sender.is_ready() && !sender.is_closed() {
-                return Some(sender);
+        while let Some((mut conn, since)) = idle.pop() {
+            if since.elapsed() < pool.idle_timeout && conn.is_usable() {
+                return Some(conn);
             }
         }
         None
@@ -280,7 +304,7 @@ impl Endpoint {
         req: Request<Body>,
         pool: &PoolConfig,
         tls: Option<&Credentials>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<Body>, ProxyError> {
         let mut sender = {
             let mut slot = self.h2.lock().await;
             match slot.as_ref().filter(|s| !s.is_closed()) {
@@ -309,35 +333,41 @@ impl Endpoint {
         sender
             .ready()
             .await
-            .map_err(|source| ProxyError::Upstream {
-                endpoint: self.addr,
-                source,
-            })?;
-        sender
+            .map_err(|e| ProxyError::upstream(self.addr, &e))?;
+        let resp = sender
             .send_request(req)
             .await
-            .map_err(|source| ProxyError::Upstream {
-                endpoint: self.addr,
-                source,
-            })
+            .map_err(|e| ProxyError::upstream(self.addr, &e))?;
+        Ok(resp.map(crate::body::incoming))
     }
 
-    /// A dedicated HTTP/1.1 connection for an upgrade (WebSocket): never pooled.
+    /// A dedicated HTTP/1.1 connection for an upgrade (WebSocket) or a `CONNECT` tunnel:
+    /// never pooled.
     pub async fn send_upgrade(
         &self,
         req: Request<Body>,
         pool: &PoolConfig,
         tls: Option<&Credentials>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let mut sender = self.connect_h1(pool, tls).await?;
-        sender
-            .send_request(req)
+    ) -> Result<Response<Body>, ProxyError> {
+        let conn = self.connect_h1(pool, tls).await?;
+        let cfg = h1::client::Config {
+            limits: pool.response_limits,
+        };
+        h1::client::send(conn, req, cfg, Box::new(drop))
             .await
-            .map_err(|source| ProxyError::Upstream {
-                endpoint: self.addr,
-                source,
-            })
+            .map_err(|e| self.h1_error(e))
     }
+}
+
+/// A copy of a request that has no body, to send it again.
+fn without_body(req: &Request<Body>) -> Request<Body> {
+    let mut copy = Request::new(crate::body::empty());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    *copy.extensions_mut() = req.extensions().clone();
+    copy
 }
 
 /// What `/config_dump` shows of an endpoint.

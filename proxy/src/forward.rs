@@ -1,19 +1,19 @@
 //! The last request stage: pick a backend (weighted) and an endpoint (balancer), send the
 //! request over a pooled connection, and report the outcome to outlier detection.
-//! HTTP/1.1 upgrades (WebSocket) get a dedicated upstream connection and are spliced.
+//! WebSocket upgrades and CONNECT tunnels get a dedicated upstream connection; the HTTP/1
+//! server splices it to the client once the upstream agrees.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, Version};
 use http_body_util::BodyExt;
-use hyper_util::rt::TokioIo;
 use sidemesh_config::MtlsMode;
 use tower::Service;
 
 use crate::app::Proxy;
 use crate::balance::PickError;
-use crate::body::{self, Body, Guarded, ResponseFuture};
+use crate::body::{Body, Guarded, ResponseFuture};
 use crate::endpoint::{Endpoint, Outcome};
 use crate::headers;
 use crate::respond::ProxyError;
@@ -83,12 +83,15 @@ async fn forward(proxy: Arc<Proxy>, mut req: Request<Body>) -> Result<Response<B
         Destination::Direct(endpoint) => (endpoint.clone(), None),
     };
     let in_flight = endpoint.start();
-    let upgrade = headers::is_upgrade(req.headers());
-    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    // Only upgrades the proxy can keep enforcing reach here (WebSocket: see
+    // `headers::strip_hop_by_hop`), and CONNECT tunnels; both get their own connection.
+    let upgrade = headers::is_upgrade(req.headers()) || req.method() == Method::CONNECT;
 
     let (mut parts, body) = req.into_parts();
     let version = if parts.version == Version::HTTP_2 && !upgrade {
         Version::HTTP_2
+    } else if parts.version == Version::HTTP_10 {
+        Version::HTTP_10
     } else {
         Version::HTTP_11
     };
@@ -112,51 +115,28 @@ async fn forward(proxy: Arc<Proxy>, mut req: Request<Body>) -> Result<Response<B
         endpoint.send(req, &proxy.pool, tls.as_deref()).await
     };
     let outcome = match &sent {
-        Ok(resp) if resp.status().is_server_error() => Outcome::Failure,
-        Ok(_) => Outcome::Success,
-        Err(_) => Outcome::Failure,
+        Ok(resp) if resp.status().is_server_error() => Some(Outcome::Failure),
+        Ok(_) => Some(Outcome::Success),
+        Err(e) if e.counts_against_endpoint() => Some(Outcome::Failure),
+        // The client's faults and answers beyond the proxy's limits say nothing of the
+        // endpoint's health.
+        Err(_) => None,
     };
-    if let Some(balancer) = &balancer {
+    if let (Some(balancer), Some(outcome)) = (&balancer, outcome) {
         if endpoint.report(outcome, &balancer.outlier) {
             proxy.metrics.ejected(&balancer.service, endpoint.addr);
         }
     }
-    let mut resp = sent?;
-
-    if let (Some(downstream), StatusCode::SWITCHING_PROTOCOLS) = (downstream_upgrade, resp.status())
-    {
-        let upstream = hyper::upgrade::on(&mut resp);
-        tokio::spawn(splice(downstream, upstream, in_flight));
-        let (mut parts, _) = resp.into_parts();
-        parts.version = Version::HTTP_11;
-        return Ok(Response::from_parts(parts, body::empty()));
-    }
+    let resp = sent?;
 
     let (mut parts, incoming) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
-    parts.extensions.insert(UpstreamEndpoint(endpoint.addr));
-    let body = Guarded::new(incoming, in_flight)
-        .map_err(body::BoxError::from)
-        .boxed_unsync();
-    Ok(Response::from_parts(parts, body))
-}
-
-/// Copies bytes both ways between an upgraded client connection and the upstream.
-async fn splice(
-    downstream: hyper::upgrade::OnUpgrade,
-    upstream: hyper::upgrade::OnUpgrade,
-    in_flight: crate::endpoint::InFlight,
-) {
-    let (client, server) = match tokio::try_join!(downstream, upstream) {
-        Ok(pair) => pair,
-        Err(e) => {
-            tracing::debug!(error = %e, "upgrade failed");
-            return;
-        }
-    };
-    let (mut client, mut server) = (TokioIo::new(client), TokioIo::new(server));
-    if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut server).await {
-        tracing::debug!(error = %e, "upgraded connection ended");
+    // `x-sidemesh-error` means a Sidemesh proxy made this answer: one is believed only from
+    // a peer proxy that proved its identity over mutual TLS, never from an application.
+    if tls.is_none() {
+        parts.headers.remove(crate::respond::ERROR_HEADER);
     }
-    drop(in_flight);
+    parts.extensions.insert(UpstreamEndpoint(endpoint.addr));
+    let body = Guarded::new(incoming, in_flight).boxed_unsync();
+    Ok(Response::from_parts(parts, body))
 }

@@ -9,17 +9,23 @@ use http::request::Parts;
 use http::{Uri, Version};
 
 /// Headers that describe one connection, not the message (RFC 9110 section 7.6.1).
+/// `Trailer` is not among them: it describes the message's trailers and is forwarded.
 const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
+    HeaderName::from_static("http2-settings"),
 ];
 
-/// Whether the request asks to switch protocols (WebSocket and the like).
+/// Fields a `Connection` header may not remove: the ones that say where a message goes and
+/// how long it is. Removing them on a client's word would let it change what the upstream
+/// sees after routing and framing were decided.
+const PROTECTED: [HeaderName; 2] = [header::HOST, header::CONTENT_LENGTH];
+
+/// Whether the request asks to switch protocols (after `strip_hop_by_hop`: WebSocket only).
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
         && headers.get_all(header::CONNECTION).iter().any(|v| {
@@ -30,10 +36,27 @@ pub fn is_upgrade(headers: &HeaderMap) -> bool {
         })
 }
 
-/// Removes hop-by-hop headers, and those the `Connection` header names. `TE: trailers` is
-/// kept (gRPC needs it); an upgrade keeps `Connection: upgrade` and `Upgrade`.
+/// Whether an `Upgrade` offer names WebSocket, the one upgrade the proxy lets through: its
+/// frames carry no further HTTP requests, so nothing on the connection escapes routing,
+/// identity and limits. Every other offer (`h2c` above all, which would carry requests the
+/// proxy never sees) is removed, and the request goes on as a plain one, as it would to a
+/// server that does not speak the offered protocol.
+fn websocket_offer(headers: &HeaderMap) -> bool {
+    headers.get_all(header::UPGRADE).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',').any(|t| {
+                let t = t.trim();
+                t.eq_ignore_ascii_case("websocket") || t.to_ascii_lowercase().starts_with("websocket/")
+            })
+        })
+    })
+}
+
+/// Removes hop-by-hop headers, and those the `Connection` header names (but never Host or
+/// Content-Length). `TE: trailers` is kept (gRPC needs it); a WebSocket upgrade keeps
+/// `Connection: upgrade` and `Upgrade: websocket`; other upgrade offers are dropped.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let upgrade = is_upgrade(headers);
+    let upgrade = is_upgrade(headers) && websocket_offer(headers);
     // Most requests (and every HTTP/2 one) have no `Connection` header: no list to build.
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
@@ -42,7 +65,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|s| s.split(','))
             .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .filter(|n| !(upgrade && n == header::UPGRADE))
+            .filter(|n| !(upgrade && n == header::UPGRADE) && !PROTECTED.contains(n))
             .collect();
         for name in &named {
             headers.remove(name);
@@ -65,6 +88,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        let only_websocket = headers.get_all(header::UPGRADE).iter().count() == 1
+            && headers
+                .get(header::UPGRADE)
+                .is_some_and(|v| !v.as_bytes().contains(&b','));
+        if !only_websocket {
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        }
     } else {
         headers.remove(header::UPGRADE);
     }
@@ -186,6 +216,37 @@ mod tests {
         strip_hop_by_hop(&mut ws);
         assert_eq!(ws[header::CONNECTION], "upgrade");
         assert_eq!(ws[header::UPGRADE], "websocket");
+    }
+
+    #[test]
+    fn only_websocket_upgrades_survive_and_connection_cannot_remove_host() {
+        let mut h2c = HeaderMap::new();
+        h2c.insert(header::CONNECTION, HeaderValue::from_static("Upgrade, HTTP2-Settings"));
+        h2c.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        h2c.insert("http2-settings", HeaderValue::from_static("AAMAAABkAAQCAAAAAAIAAAAA"));
+        strip_hop_by_hop(&mut h2c);
+        assert!(h2c.is_empty(), "{h2c:?}");
+        assert!(!is_upgrade(&h2c));
+
+        let mut mixed = HeaderMap::new();
+        mixed.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        mixed.insert(header::UPGRADE, HeaderValue::from_static("h2c, websocket"));
+        strip_hop_by_hop(&mut mixed);
+        assert_eq!(mixed[header::UPGRADE], "websocket");
+
+        let mut named = HeaderMap::new();
+        named.insert(header::CONNECTION, HeaderValue::from_static("host, content-length, trailer"));
+        named.insert(header::HOST, HeaderValue::from_static("users"));
+        named.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        named.insert(header::TRAILER, HeaderValue::from_static("x-sum"));
+        strip_hop_by_hop(&mut named);
+        assert_eq!(named[header::HOST], "users");
+        assert_eq!(named[header::CONTENT_LENGTH], "3");
+        assert!(!named.contains_key(header::TRAILER), "named by Connection, so removed");
+        let mut declared = HeaderMap::new();
+        declared.insert(header::TRAILER, HeaderValue::from_static("x-sum"));
+        strip_hop_by_hop(&mut declared);
+        assert_eq!(declared[header::TRAILER], "x-sum");
     }
 
     #[test]

@@ -86,60 +86,114 @@ pub async fn serve<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn = Arc::new(conn);
-    let service = {
-        let proxy = proxy.clone();
-        service_fn(move |req| handle(proxy.clone(), conn.clone(), req))
-    };
-    let io = TokioIo::new(io);
-    let result = match protocol {
+    match protocol {
         Protocol::Http2 => {
+            let service = {
+                let proxy = proxy.clone();
+                service_fn(move |req: Request<Incoming>| {
+                    let (proxy, conn) = (proxy.clone(), conn.clone());
+                    async move {
+                        Ok::<_, Infallible>(handle(proxy, conn, req.map(body::incoming)).await)
+                    }
+                })
+            };
             let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
             builder
                 .timer(TokioTimer::new())
+                // The application's own `date` (or none) reaches the client, as without a
+                // proxy; gRPC trailers-only answers get no `date` field in their metadata.
+                .auto_date_header(false)
                 .max_concurrent_streams(proxy.limits.max_concurrent_streams)
+                // hyper's own refusal is a backstop beyond the proxy's limit, which the
+                // handler applies with the marked 431 every other request gets.
                 .max_header_list_size(
-                    u32::try_from(proxy.limits.max_header_bytes).unwrap_or(u32::MAX),
+                    u32::try_from(h2_header_list_ceiling(&proxy.limits)).unwrap_or(u32::MAX),
                 );
-            let connection = builder.serve_connection(io, service);
+            let connection = builder.serve_connection(TokioIo::new(io), service);
             tokio::pin!(connection);
-            tokio::select! {
+            let result = tokio::select! {
                 result = connection.as_mut() => result,
                 () = drain.signaled() => {
                     connection.as_mut().graceful_shutdown();
                     connection.await
                 }
+            };
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "client connection ended with an error");
             }
         }
         _ => {
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(proxy.timeouts.header)
-                .max_headers(proxy.limits.max_headers)
-                .max_buf_size(proxy.limits.max_header_bytes.max(8192) * 2);
-            let connection = builder.serve_connection(io, service).with_upgrades();
-            tokio::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => result,
-                () = drain.signaled() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            }
+            let cfg = crate::h1::server::Config {
+                limits: crate::h1::head::HeadLimits {
+                    max_bytes: proxy.limits.max_header_bytes,
+                    max_headers: proxy.limits.max_headers,
+                },
+                header_timeout: proxy.timeouts.header,
+                keepalive_timeout: proxy.timeouts.keepalive,
+                body_timeout: proxy.timeouts.body,
+            };
+            crate::h1::server::serve(io, cfg, drain, |req| {
+                handle(proxy.clone(), conn.clone(), req)
+            })
+            .await;
         }
-    };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "client connection ended with an error");
     }
+}
+
+/// hyper's HTTP/2 header-list bound: well above the proxy's own limit (which counts the
+/// same way, RFC 9113 section 6.5.2), so the proxy's marked 431 is what clients see.
+fn h2_header_list_ceiling(limits: &crate::config::Limits) -> usize {
+    (limits.max_header_bytes + 32 * limits.max_headers).saturating_mul(2)
+}
+
+/// The checks every HTTP/2 request gets that the HTTP/1 parser applies to HTTP/1 heads:
+/// the same size and count limits, and one authority (`:authority` and `Host` must agree).
+fn admit_h2(proxy: &Proxy, parts: &http::request::Parts) -> Result<(), ProxyError> {
+    if parts.version != http::Version::HTTP_2 {
+        return Ok(());
+    }
+    let limits = &proxy.limits;
+    if parts.headers.len() > limits.max_headers {
+        return Err(ProxyError::HeadersTooLarge {
+            why: format!("more than {} header fields", limits.max_headers),
+        });
+    }
+    let bytes: usize = parts
+        .headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 32)
+        .sum::<usize>()
+        + parts.uri.to_string().len();
+    if bytes > limits.max_header_bytes + 32 * limits.max_headers {
+        return Err(ProxyError::HeadersTooLarge {
+            why: format!("request head larger than {} bytes", limits.max_header_bytes),
+        });
+    }
+    let hosts = parts.headers.get_all(header::HOST).iter().count();
+    if hosts > 1 {
+        return Err(ProxyError::BadRequest {
+            why: "more than one Host header".into(),
+        });
+    }
+    if let (Some(authority), Some(host)) = (parts.uri.authority(), parts.headers.get(header::HOST))
+    {
+        if !host.as_bytes().eq_ignore_ascii_case(authority.as_str().as_bytes()) {
+            return Err(ProxyError::BadRequest {
+                why: "`:authority` and `Host` name different hosts".into(),
+            });
+        }
+    }
+    if let Some(authority) = headers::authority(parts) {
+        crate::h1::valid_authority(authority, false).map_err(|why| ProxyError::BadRequest {
+            why: format!("invalid authority: {why}"),
+        })?;
+    }
+    Ok(())
 }
 
 /// One request: route it, run the request stages, turn any error into the proxy's response,
 /// and record it.
-async fn handle(
-    proxy: Arc<Proxy>,
-    conn: Arc<ConnInfo>,
-    req: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
+async fn handle(proxy: Arc<Proxy>, conn: Arc<ConnInfo>, req: Request<Body>) -> Response<Body> {
     let started = Instant::now();
     let grpc = req
         .headers()
@@ -148,11 +202,18 @@ async fn handle(
     let snapshot = proxy.snapshot.load_full();
     let (mut parts, incoming) = req.into_parts();
 
+    if let Err(e) = admit_h2(&proxy, &parts) {
+        return respond::error_response(&e, grpc);
+    }
     let (destination, metrics) = match route(&proxy, &snapshot, &conn, &parts) {
         Ok(found) => found,
-        Err(e) => return Ok(respond::error_response(&e, grpc)),
+        Err(e) => return respond::error_response(&e, grpc),
     };
     headers::strip_hop_by_hop(&mut parts.headers);
+    // The attempt number is the calling proxy's to set: from anyone else it is removed.
+    if conn.direction == Direction::Outbound || conn.peer_identity.is_none() {
+        parts.headers.remove(crate::retry::ATTEMPT_HEADER);
+    }
     let span = start_span(&proxy, &snapshot, &conn, &parts, &destination);
     if conn.direction == Direction::Inbound {
         if let Some(counter) = &conn.client_requests {
@@ -174,7 +235,7 @@ async fn handle(
                 );
                 span.finish(e.status(), None);
             }
-            return Ok(resp);
+            return resp;
         }
         headers::append_forwarded_for(&mut parts.headers, conn.client.ip());
         parts.headers.remove(CLIENT_ID_HEADER);
@@ -208,7 +269,7 @@ async fn handle(
                 .insert(crate::ratelimit::InboundLimit(limiter));
         }
     }
-    let req = Request::from_parts(parts, body::incoming(incoming));
+    let req = Request::from_parts(parts, incoming);
 
     let resp = match pipeline::call(proxy.clone(), req).await {
         Ok(resp) => resp,
@@ -244,7 +305,7 @@ async fn handle(
             .map(|e| e.0);
         span.finish(resp.status(), endpoint);
     }
-    Ok(resp)
+    resp
 }
 
 /// Records a request: its HTTP status and latency and, for a gRPC call that failed on the

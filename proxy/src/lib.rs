@@ -6,6 +6,7 @@
 //! - `accept`: listeners, connection limits, original destination.
 //! - `detect`: protocol detection (HTTP/1, HTTP/2, TLS, opaque).
 //! - `http`: serving HTTP connections; the per-request handler and routing.
+//! - `h1`: HTTP/1.x server and client, transparent to what clients send.
 //! - `tcp`: opaque byte forwarding.
 //! - `tls`: mutual TLS between proxies: handshakes, SPIFFE ID checks, ALPN.
 //! - `identity`: the workload certificate: CSR to the control plane's CA, renewal.
@@ -35,6 +36,7 @@ pub mod detect;
 pub mod drain;
 pub mod endpoint;
 pub mod forward;
+pub mod h1;
 pub mod headers;
 pub mod http;
 pub mod identity;

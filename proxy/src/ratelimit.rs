@@ -55,12 +55,16 @@ struct Override {
     policy: HeaderValue,
 }
 
-fn policy_header(name: &str, rate: Rate) -> HeaderValue {
-    header(&format!(
-        "\"{name}\";q={};w={}",
-        rate.count(),
-        window_secs(rate)
-    ))
+/// `RateLimit-Policy` for the token bucket that is enforced: `q` requests per `w` seconds
+/// such that a client that sends `q` at once and then waits `w` is never refused. The window
+/// is the time the bucket takes to refill (`burst / rate`, at least one second) and the quota
+/// what the bucket holds (`burst`), or less when a one-second window refills fewer.
+fn policy_header(name: &str, rate: Rate, burst: u32) -> HeaderValue {
+    let per_second = rate.per_second();
+    let burst = f64::from(burst.max(1));
+    let window = (burst / per_second).ceil().max(1.0);
+    let quota = burst.min((per_second * window).floor()).max(1.0);
+    header(&format!("\"{name}\";q={quota};w={window}"))
 }
 
 /// `"name";r=<remaining>;t=<seconds>`, built without the formatting machinery: it is made
@@ -147,10 +151,6 @@ fn quota(rate: Rate, burst: u32) -> Quota {
         .allow_burst(burst)
 }
 
-fn window_secs(rate: Rate) -> u64 {
-    rate.per().as_secs().max(1)
-}
-
 impl Limiter {
     pub fn new(name: &str, spec: &RateLimit, limited: Counter) -> Self {
         let clock = TokioClock {
@@ -163,7 +163,7 @@ impl Limiter {
                 .with_middleware::<StateInformationMiddleware>(),
             keyed: RateLimiter::dashmap_with_clock(q, clock.clone())
                 .with_middleware::<StateInformationMiddleware>(),
-            policy: policy_header(name, spec.rate),
+            policy: policy_header(name, spec.rate, spec.burst),
             overrides: spec
                 .overrides
                 .iter()
@@ -175,7 +175,7 @@ impl Limiter {
                         limiter,
                         rate: o.rate,
                         burst: o.burst,
-                        policy: policy_header(name, o.rate),
+                        policy: policy_header(name, o.rate, o.burst),
                     };
                     (o.key.clone(), over)
                 })
@@ -466,6 +466,15 @@ mod tests {
         );
     }
 
+    #[test]
+    fn the_policy_header_describes_the_bucket() {
+        let rate = |s: &str| s.parse::<Rate>().expect("rate");
+        assert_eq!(policy_header("a", rate("100/s"), 10), "\"a\";q=10;w=1");
+        assert_eq!(policy_header("a", rate("1/s"), 5), "\"a\";q=5;w=5");
+        assert_eq!(policy_header("a", rate("10/min"), 1), "\"a\";q=1;w=6");
+        assert_eq!(policy_header("a", rate("1/s"), 1), "\"a\";q=1;w=1");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn headers_say_the_policy_the_remaining_and_when_to_retry() {
         let limiter = Limiter::new(
@@ -479,7 +488,8 @@ mod tests {
         match limiter.check(&c) {
             Decision::Allowed { remaining, headers } => {
                 assert_eq!(remaining, 1);
-                assert_eq!(headers.policy, "\"orders\";q=6000;w=60");
+                // 100/s with a bucket of 2: two at once, refilled within a second.
+                assert_eq!(headers.policy, "\"orders\";q=2;w=1");
                 assert_eq!(headers.state, "\"orders\";r=1;t=1");
             }
             other => panic!("{other:?}"),

@@ -47,15 +47,24 @@ pub enum ProxyError {
     NoCertificate { endpoint: SocketAddr },
     #[error("{identity} is not allowed to call {service}")]
     Forbidden { identity: String, service: String },
-    #[error("upstream {endpoint} failed: {source}")]
+    #[error("upstream {endpoint} failed: {reason}")]
     Upstream {
         endpoint: SocketAddr,
-        source: hyper::Error,
+        reason: String,
     },
+    #[error("upstream {endpoint} sent a response head beyond the proxy's limits: {reason}")]
+    UpstreamHeadTooLarge {
+        endpoint: SocketAddr,
+        reason: String,
+    },
+    #[error("{0}")]
+    ClientBody(crate::h1::ClientBodyError),
     #[error("request timed out after {after:?}")]
     Timeout { after: Duration },
     #[error("bad request: {why}")]
     BadRequest { why: String },
+    #[error("request {why}")]
+    HeadersTooLarge { why: String },
     #[error("rate limit `{limit}` ({rate}) exceeded; retry in {retry_after:?}")]
     RateLimited {
         limit: String,
@@ -66,14 +75,39 @@ pub enum ProxyError {
 }
 
 impl ProxyError {
+    /// Whether this failure is the endpoint's own, for outlier detection: a failed
+    /// connection or exchange is; the client's faults, the proxy's limits and an answer the
+    /// endpoint did give (however large its head) are not.
+    pub fn counts_against_endpoint(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::Connect { .. } | ProxyError::Tls { .. } | ProxyError::Upstream { .. }
+        )
+    }
+
+    /// An upstream exchange's failure, with a client-body fault found anywhere in its
+    /// causes reported as the client's.
+    pub fn upstream(endpoint: SocketAddr, error: &(dyn std::error::Error + 'static)) -> Self {
+        match crate::h1::ClientBodyError::find(error) {
+            Some(fault) => ProxyError::ClientBody(fault.clone()),
+            None => ProxyError::Upstream {
+                endpoint,
+                reason: error.to_string(),
+            },
+        }
+    }
+
     pub fn side(&self) -> Side {
         match self {
             ProxyError::BadRequest { .. }
+            | ProxyError::HeadersTooLarge { .. }
+            | ProxyError::ClientBody(_)
             | ProxyError::RateLimited { .. }
             | ProxyError::Forbidden { .. } => Side::Downstream,
-            ProxyError::Connect { .. } | ProxyError::Tls { .. } | ProxyError::Upstream { .. } => {
-                Side::Upstream
-            }
+            ProxyError::Connect { .. }
+            | ProxyError::Tls { .. }
+            | ProxyError::Upstream { .. }
+            | ProxyError::UpstreamHeadTooLarge { .. } => Side::Upstream,
             _ => Side::Proxy,
         }
     }
@@ -84,13 +118,16 @@ impl ProxyError {
             ProxyError::NoEndpoints { .. } | ProxyError::AllEjected { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ProxyError::Connect { .. } | ProxyError::Tls { .. } | ProxyError::Upstream { .. } => {
-                StatusCode::BAD_GATEWAY
-            }
+            ProxyError::Connect { .. }
+            | ProxyError::Tls { .. }
+            | ProxyError::Upstream { .. }
+            | ProxyError::UpstreamHeadTooLarge { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::ClientBody(e) => e.status(),
             ProxyError::NoCertificate { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Forbidden { .. } => StatusCode::FORBIDDEN,
             ProxyError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ProxyError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
@@ -103,11 +140,14 @@ impl ProxyError {
             ProxyError::AllEjected { .. } => "all-endpoints-ejected",
             ProxyError::Connect { .. } => "upstream-connect-failure",
             ProxyError::Upstream { .. } => "upstream-failure",
+            ProxyError::UpstreamHeadTooLarge { .. } => "upstream-headers-too-large",
+            ProxyError::ClientBody(e) => e.code(),
             ProxyError::Tls { .. } => "upstream-tls-failure",
             ProxyError::NoCertificate { .. } => "no-certificate",
             ProxyError::Forbidden { .. } => "forbidden",
             ProxyError::Timeout { .. } => "request-timeout",
             ProxyError::BadRequest { .. } => "bad-request",
+            ProxyError::HeadersTooLarge { .. } => "headers-too-large",
             ProxyError::RateLimited { .. } => "rate-limited",
         }
     }
@@ -158,7 +198,7 @@ fn grpc_error(status: StatusCode, code: &'static str, message: &str) -> Response
     let grpc_status = match status {
         StatusCode::NOT_FOUND => "12", // UNIMPLEMENTED: no such service here
         StatusCode::GATEWAY_TIMEOUT => "4", // DEADLINE_EXCEEDED
-        StatusCode::BAD_REQUEST => "13", // INTERNAL
+        StatusCode::BAD_REQUEST | StatusCode::REQUEST_TIMEOUT | StatusCode::PAYLOAD_TOO_LARGE => "13", // INTERNAL
         StatusCode::TOO_MANY_REQUESTS => "8", // RESOURCE_EXHAUSTED
         StatusCode::FORBIDDEN => "7",  // PERMISSION_DENIED
         _ => "14",                     // UNAVAILABLE
@@ -177,9 +217,12 @@ fn grpc_error(status: StatusCode, code: &'static str, message: &str) -> Response
     resp
 }
 
+/// The marker on every answer a Sidemesh proxy makes itself.
+pub const ERROR_HEADER: &str = "x-sidemesh-error";
+
 fn mark(headers: &mut http::HeaderMap, code: &'static str) {
     headers.insert(header::SERVER, HeaderValue::from_static("sidemesh"));
-    headers.insert("x-sidemesh-error", HeaderValue::from_static(code));
+    headers.insert(ERROR_HEADER, HeaderValue::from_static(code));
 }
 
 /// gRPC's percent-encoding of `grpc-message`: printable ASCII except `%` stays as is.

@@ -21,7 +21,6 @@ use tower::Service;
 
 use crate::body::{self, Body, BoxError, ResponseFuture};
 use crate::forward::Destination;
-use crate::ratelimit::ClientAddr;
 use crate::respond::ProxyError;
 
 /// Sent upstream with each attempt's number (1, 2, ...).
@@ -172,6 +171,12 @@ where
     }
 }
 
+fn expects_continue(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
 fn idempotent(method: &Method) -> bool {
     matches!(
         *method,
@@ -199,7 +204,18 @@ where
     if upgrade || !(policy.non_idempotent || idempotent(req.method())) || policy.attempts <= 1 {
         return inner.call(req).await;
     }
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    // The body is read here before any attempt: a client waiting for `100 Continue` gets it
+    // from the proxy (it would otherwise wait for an upstream that has not seen the request).
+    if expects_continue(&parts.headers) && !body.is_end_stream() {
+        parts.headers.remove(http::header::EXPECT);
+        if let Some(crate::h1::Interim(tx)) = parts.extensions.get::<crate::h1::Interim>() {
+            let _ = tx.try_send(crate::h1::InterimResponse {
+                status: http::StatusCode::CONTINUE,
+                headers: http::HeaderMap::new(),
+            });
+        }
+    }
     let limit = usize::try_from(policy.buffer_limit.bytes()).unwrap_or(usize::MAX);
     let replay = match buffer(body, limit).await? {
         Ok(bytes) => bytes,
@@ -208,12 +224,10 @@ where
             return inner.call(Request::from_parts(parts, streaming)).await;
         }
     };
-    let destination = parts.extensions.get::<Destination>().cloned();
     let traced = parts
         .extensions
         .get::<crate::trace::AttemptParent>()
         .cloned();
-    let client = parts.extensions.get::<ClientAddr>().copied();
     for attempt in 1..=policy.attempts {
         let mut req = Request::new(body::full(replay.clone()));
         *req.method_mut() = parts.method.clone();
@@ -222,12 +236,7 @@ where
         *req.headers_mut() = parts.headers.clone();
         req.headers_mut()
             .insert(ATTEMPT_HEADER, HeaderValue::from(attempt));
-        if let Some(d) = &destination {
-            req.extensions_mut().insert(d.clone());
-        }
-        if let Some(c) = client {
-            req.extensions_mut().insert(c);
-        }
+        *req.extensions_mut() = parts.extensions.clone();
         let span = traced
             .as_ref()
             .map(|parent| parent.start(attempt, req.headers_mut()));
@@ -334,8 +343,11 @@ async fn buffer(mut body: Body, limit: usize) -> Result<Result<Bytes, Body>, Pro
         match body.frame().await {
             None => return Ok(Ok(kept.freeze())),
             Some(Err(e)) => {
-                return Err(ProxyError::BadRequest {
-                    why: format!("request body: {e}"),
+                return Err(match crate::h1::ClientBodyError::find(&*e) {
+                    Some(fault) => ProxyError::ClientBody(fault.clone()),
+                    None => ProxyError::BadRequest {
+                        why: format!("request body: {e}"),
+                    },
                 });
             }
             Some(Ok(frame)) => match frame.into_data() {

@@ -415,8 +415,35 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
+/// Writes `cx` as `traceparent` (and `tracestate` only when it has entries). A caller's B3
+/// headers are rewritten to the same span, so an application that reads either format sees
+/// one parent, not two that disagree.
 fn inject(cx: &Context, headers: &mut HeaderMap) {
     TraceContextPropagator::new().inject_context(cx, &mut HeaderInjector(headers));
+    if headers.get("tracestate").is_some_and(|v| v.is_empty()) {
+        headers.remove("tracestate");
+    }
+    let sc = cx.span().span_context().clone();
+    if !sc.is_valid() {
+        return;
+    }
+    let (trace, span) = (sc.trace_id().to_string(), sc.span_id().to_string());
+    let sampled = if sc.is_sampled() { "1" } else { "0" };
+    let set = |headers: &mut HeaderMap, name: &'static str, value: String| {
+        if let Ok(v) = http::HeaderValue::from_str(&value) {
+            headers.insert(name, v);
+        }
+    };
+    if headers.contains_key("b3") {
+        set(headers, "b3", format!("{trace}-{span}-{sampled}"));
+    }
+    if headers.contains_key("x-b3-traceid") || headers.contains_key("x-b3-spanid") {
+        set(headers, "x-b3-traceid", trace);
+        set(headers, "x-b3-spanid", span);
+        set(headers, "x-b3-sampled", sampled.to_string());
+        headers.remove("x-b3-parentspanid");
+        headers.remove("x-b3-flags");
+    }
 }
 
 /// The caller's trace: W3C first, then B3 (single header, then multi header).

@@ -1,0 +1,442 @@
+//! One request on an upstream HTTP/1.x connection. A task owns the connection for the
+//! exchange: it writes the request (its raw target and the body's own framing), relays
+//! interim answers, hands the response head back as soon as it is read, streams both bodies,
+//! and finally offers the connection back for reuse when both ended cleanly.
+
+use bytes::BytesMut;
+use http::header;
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+use super::body::{self as h1body, ClientBodyError, Decoder, Framing, Pump};
+use super::head::{self, HeadError, HeadLimits, ResponseHead};
+use super::{Interim, InterimResponse, Io, OnUpgrade, RawTarget, Reason};
+use crate::body::{Body, BoxError};
+use crate::rewind::Rewind;
+
+/// An upstream connection with the bytes already read from it.
+pub struct Conn {
+    pub io: Box<dyn Io>,
+    pub buf: BytesMut,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn").field("buffered", &self.buf.len()).finish()
+    }
+}
+
+impl Conn {
+    pub fn new(io: Box<dyn Io>) -> Self {
+        Self {
+            io,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// Whether an idle connection is still open: the upstream has neither closed it nor sent
+    /// anything unasked.
+    pub fn is_usable(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        let mut read = tokio::io::ReadBuf::new(&mut probe);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        matches!(
+            std::pin::Pin::new(&mut self.io).poll_read(&mut cx, &mut read),
+            std::task::Poll::Pending
+        )
+    }
+}
+
+/// Why an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The connection closed before any byte of a response: on a reused connection, the
+    /// upstream had closed it while idle, and the request may go again on a new one.
+    #[error("the connection closed before a response")]
+    Closed { request_written: bool },
+    #[error("{0}")]
+    Io(std::io::Error),
+    #[error("invalid response: {0}")]
+    Protocol(String),
+    #[error("response head refused: {0}")]
+    Head(HeadError),
+    #[error(transparent)]
+    ClientBody(ClientBodyError),
+    #[error("the request body failed: {0}")]
+    Body(BoxError),
+}
+
+/// Settings of upstream exchanges.
+#[derive(Debug, Clone, Copy)]
+pub struct Config {
+    /// Bounds on a response head (and trailers).
+    pub limits: HeadLimits,
+}
+
+/// Called with the connection when the exchange ended cleanly and it may be reused.
+pub type OnIdle = Box<dyn FnOnce(Conn) + Send>;
+
+/// Sends `req` on `conn`; resolves with the response head, the body streaming after.
+pub async fn send(
+    conn: Conn,
+    req: Request<Body>,
+    cfg: Config,
+    on_idle: OnIdle,
+) -> Result<Response<Body>, SendError> {
+    let (tx, rx) = oneshot::channel();
+    tokio::spawn(exchange(conn, req, cfg, tx, on_idle));
+    rx.await.unwrap_or(Err(SendError::Closed {
+        request_written: true,
+    }))
+}
+
+/// The request head: the client's own target when there is one, its version, its fields,
+/// and the framing its body had.
+fn request_head(parts: &http::request::Parts, framing: Framing) -> Vec<u8> {
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    match parts.extensions.get::<RawTarget>() {
+        Some(raw) => out.extend_from_slice(&raw.0),
+        None if parts.method == Method::CONNECT => out.extend_from_slice(
+            parts
+                .uri
+                .authority()
+                .map_or("", |a| a.as_str())
+                .as_bytes(),
+        ),
+        None => out.extend_from_slice(
+            parts
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .as_bytes(),
+        ),
+    }
+    out.extend_from_slice(if parts.version == Version::HTTP_10 {
+        b" HTTP/1.0\r\n"
+    } else {
+        b" HTTP/1.1\r\n"
+    });
+    super::write_fields(&mut out, &parts.headers);
+    if framing == Framing::Chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+async fn exchange(
+    conn: Conn,
+    req: Request<Body>,
+    cfg: Config,
+    reply: oneshot::Sender<Result<Response<Body>, SendError>>,
+    on_idle: OnIdle,
+) {
+    let (mut parts, mut body) = req.into_parts();
+    parts.headers.remove(header::TRANSFER_ENCODING);
+    let framing = match super::content_length(&parts.headers) {
+        Ok(Some(n)) => Framing::Length(n),
+        _ if body.is_end_stream() => Framing::Empty,
+        // An HTTP/1.0 upstream request has a length or no body: the server refuses chunked.
+        _ => Framing::Chunked,
+    };
+    let expects_upgrade =
+        crate::headers::is_upgrade(&parts.headers) || parts.method == Method::CONNECT;
+    let interim = parts.extensions.get::<Interim>().cloned();
+    let method = parts.method.clone();
+    let sent_version = parts.version;
+
+    let Conn { io, mut buf } = conn;
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let head = request_head(&parts, framing);
+    if let Err(e) = async {
+        wr.write_all(&head).await?;
+        wr.flush().await
+    }
+    .await
+    {
+        let _ = reply.send(Err(SendError::Closed {
+            request_written: false,
+        }
+        .or_io(e)));
+        return;
+    }
+    let mut writer = BodyWriter {
+        framing,
+        remaining: match framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        },
+        done: framing == Framing::Empty,
+        failed: false,
+        out: Vec::new(),
+        written: 0,
+    };
+    // Until the response head: write the body as it comes, relay interim answers.
+    let response_head = loop {
+        tokio::select! {
+            biased;
+            read = read_response(&mut rd, &mut buf, cfg.limits) => match read {
+                Ok(head) if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS => {
+                    if let Some(Interim(tx)) = &interim {
+                        let _ = tx.try_send(InterimResponse { status: head.status, headers: head.headers });
+                    }
+                }
+                Ok(head) => break head,
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+            },
+            written = writer.next(&mut body, &mut wr), if !writer.finished() => {
+                if let Err(e) = written {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
+            }
+        }
+    };
+
+    let status = response_head.status;
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS
+        || (method == Method::CONNECT && status.is_success());
+    if status == StatusCode::SWITCHING_PROTOCOLS && !expects_upgrade {
+        let _ = reply.send(Err(SendError::Protocol(
+            "101 Switching Protocols to a request that asked for no upgrade".into(),
+        )));
+        return;
+    }
+    let framing_in = if switching {
+        Framing::Empty
+    } else {
+        match super::response_framing(&method, status, &response_head.headers) {
+            Ok(f) => f,
+            Err(why) => {
+                let _ = reply.send(Err(SendError::Protocol(why.into())));
+                return;
+            }
+        }
+    };
+    let keep_alive = response_head.version == Version::HTTP_11
+        && sent_version == Version::HTTP_11
+        && !super::connection_tokens(&response_head.headers)
+            .iter()
+            .any(|t| t == "close")
+        && framing_in != Framing::Close;
+
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    *response.headers_mut() = response_head.headers;
+    if status
+        .canonical_reason()
+        .is_none_or(|r| r.as_bytes() != &response_head.reason[..])
+    {
+        response
+            .extensions_mut()
+            .insert(Reason(response_head.reason));
+    }
+
+    if switching && expects_upgrade {
+        let (tx, rx) = oneshot::channel();
+        response.extensions_mut().insert(OnUpgrade::new(rx));
+        let (parts, ()) = response.into_parts();
+        if reply
+            .send(Ok(Response::from_parts(parts, crate::body::empty())))
+            .is_err()
+        {
+            return;
+        }
+        let io = rd.unsplit(wr);
+        let _ = tx.send(Rewind::new(buf.split().freeze(), io));
+        return;
+    }
+
+    let (resp_body, mut pump) = match framing_in {
+        Framing::Empty | Framing::Length(0) => (crate::body::empty(), None),
+        f => {
+            let (tx, rx) = h1body::channel(f);
+            let pump = Pump::new(Decoder::new(f, cfg.limits), Some(tx), None, false);
+            (rx.boxed_unsync(), Some(pump))
+        }
+    };
+    let (parts, ()) = response.into_parts();
+    if reply.send(Ok(Response::from_parts(parts, resp_body))).is_err() {
+        return;
+    }
+    // Both bodies, until the response's ends.
+    loop {
+        let reading = pump.as_ref().is_some_and(Pump::active);
+        if !reading {
+            break;
+        }
+        tokio::select! {
+            stepped = async { match pump.as_mut() { Some(p) => p.step(&mut rd, &mut buf).await, None => Ok(()) } } => {
+                if stepped.is_err() {
+                    return;
+                }
+            }
+            written = writer.next(&mut body, &mut wr), if !writer.finished() => {
+                if written.is_err() {
+                    writer.done = true;
+                    writer.failed = true;
+                    writer.out.clear();
+                    writer.written = 0;
+                }
+            }
+        }
+    }
+    if pump.as_ref().is_some_and(|p| !p.finished()) {
+        return;
+    }
+    // The response is complete. A request body still being sent (the upstream answered
+    // early) or a connection the upstream will close is not reused.
+    if keep_alive && writer.finished() && !writer.failed {
+        on_idle(Conn {
+            io: rd.unsplit(wr),
+            buf,
+        });
+    }
+}
+
+impl SendError {
+    fn or_io(self, e: std::io::Error) -> SendError {
+        match e.kind() {
+            std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::UnexpectedEof => self,
+            _ => SendError::Io(e),
+        }
+    }
+}
+
+async fn read_response<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    limits: HeadLimits,
+) -> Result<ResponseHead, SendError> {
+    use tokio::io::AsyncReadExt;
+    let mut got_bytes = !buf.is_empty();
+    loop {
+        match head::parse_response(buf, limits) {
+            Ok(Some(head)) => return Ok(head),
+            Ok(None) => {}
+            Err(e) => return Err(SendError::Head(e)),
+        }
+        if buf.capacity() - buf.len() < 1024 {
+            buf.reserve(8 * 1024);
+        }
+        match rd.read_buf(buf).await {
+            Ok(0) if !got_bytes => {
+                return Err(SendError::Closed {
+                    request_written: true,
+                });
+            }
+            Ok(0) => return Err(SendError::Protocol("the response head was cut short".into())),
+            Ok(_) => got_bytes = true,
+            Err(e) if !got_bytes => {
+                return Err(SendError::Closed {
+                    request_written: true,
+                }
+                .or_io(e));
+            }
+            Err(e) => return Err(SendError::Io(e)),
+        }
+    }
+}
+
+/// Writes the request body in the framing its head announced.
+struct BodyWriter {
+    framing: Framing,
+    remaining: u64,
+    done: bool,
+    failed: bool,
+    /// Framed bytes not yet written, and how many of them were.
+    out: Vec<u8>,
+    written: usize,
+}
+
+impl BodyWriter {
+    fn finished(&self) -> bool {
+        self.done && self.written >= self.out.len()
+    }
+
+    /// Writes the next frame of `body`. Cancel-safe: a frame taken from the body stays in
+    /// `out` until every byte of it is written, so a `select!` that drops this future
+    /// mid-write loses nothing.
+    async fn next<W: tokio::io::AsyncWrite + Unpin>(
+        &mut self,
+        body: &mut Body,
+        wr: &mut W,
+    ) -> Result<(), SendError> {
+        if self.written < self.out.len() {
+            return self.flush(wr).await;
+        }
+        let frame = body.frame().await;
+        self.out.clear();
+        self.written = 0;
+        match frame {
+            None => {
+                self.done = true;
+                match self.framing {
+                    Framing::Chunked => h1body::encode_last_chunk(&mut self.out, None),
+                    Framing::Length(_) if self.remaining != 0 => {
+                        return Err(SendError::Protocol(
+                            "the request body ended before its Content-Length".into(),
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => match self.framing {
+                    Framing::Chunked => h1body::encode_chunk(&mut self.out, &data),
+                    _ => {
+                        if data.len() as u64 > self.remaining {
+                            return Err(SendError::Protocol(
+                                "the request body is longer than its Content-Length".into(),
+                            ));
+                        }
+                        self.remaining -= data.len() as u64;
+                        self.out.extend_from_slice(&data);
+                    }
+                },
+                Err(frame) => {
+                    self.done = true;
+                    if self.framing == Framing::Chunked {
+                        h1body::encode_last_chunk(&mut self.out, frame.trailers_ref());
+                    }
+                }
+            },
+            Some(Err(e)) => {
+                self.done = true;
+                return Err(match ClientBodyError::find(&*e) {
+                    Some(fault) => SendError::ClientBody(fault.clone()),
+                    None => SendError::Body(e),
+                });
+            }
+        }
+        self.flush(wr).await
+    }
+
+    async fn flush<W: tokio::io::AsyncWrite + Unpin>(&mut self, wr: &mut W) -> Result<(), SendError> {
+        while self.written < self.out.len() {
+            let n = wr
+                .write(&self.out[self.written..])
+                .await
+                .map_err(SendError::Io)?;
+            if n == 0 {
+                return Err(SendError::Io(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+        }
+        wr.flush().await.map_err(SendError::Io)
+    }
+}
