@@ -132,9 +132,13 @@ pub async fn serve<I>(
                 keepalive_timeout: proxy.timeouts.keepalive,
                 body_timeout: proxy.timeouts.body,
             };
-            crate::h1::server::serve(io, cfg, drain, |req| {
-                handle(proxy.clone(), conn.clone(), req)
-            })
+            crate::h1::server::serve(
+                io,
+                cfg,
+                drain,
+                |req| handle(proxy.clone(), conn.clone(), req),
+                |code| proxy.metrics.connection_refused(code),
+            )
             .await;
         }
     }

@@ -72,11 +72,14 @@ struct Admitted {
 
 /// Serves HTTP/1.x on `io` until the client closes, a request asks to close, a fault makes
 /// the connection unusable, or the proxy drains.
-pub async fn serve<I, H, F>(io: I, cfg: Config, mut drain: Drain, handler: H)
+///
+/// `refused` is told the code of every request the server itself refuses (for metrics).
+pub async fn serve<I, H, F, R>(io: I, cfg: Config, mut drain: Drain, handler: H, refused: R)
 where
     I: Io,
     H: Fn(Request<Body>) -> F,
     F: Future<Output = Response<Body>>,
+    R: Fn(&'static str),
 {
     let (mut rd, mut wr) = tokio::io::split(io);
     let mut buf = BytesMut::with_capacity(8 * 1024);
@@ -87,6 +90,7 @@ where
             Ok(None) => break,
             Err(refusal) => {
                 if let Some(refusal) = refusal {
+                    refused(refusal.code);
                     refuse(&mut wr, &refusal).await;
                 }
                 break;
@@ -102,6 +106,7 @@ where
         } = match admit(head) {
             Ok(admitted) => admitted,
             Err(refusal) => {
+                refused(refusal.code);
                 refuse(&mut wr, &refusal).await;
                 break;
             }
