@@ -297,7 +297,12 @@ pub async fn build(args: Args) -> Result<App, StartError> {
     }
     let mut upstreams = Vec::new();
     for (service, addr) in &args.upstreams {
-        let listener = bind(&format!("upstream:{service}"), *addr, args.limits.listen_backlog).await?;
+        let listener = bind(
+            &format!("upstream:{service}"),
+            *addr,
+            args.limits.listen_backlog,
+        )
+        .await?;
         upstreams.push((service.clone(), listener.local_addr().unwrap_or(*addr)));
         listeners.push((
             ListenerKind::Upstream(Arc::from(service.as_str())),

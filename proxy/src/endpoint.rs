@@ -252,12 +252,12 @@ impl Endpoint {
                 Some(fault) => ProxyError::ClientBody(fault.clone()),
                 None => ProxyError::ClientBody(h1::ClientBodyError::Aborted),
             },
-            SendError::Head(e @ (HeadError::TooLarge { .. } | HeadError::TooManyHeaders { .. })) => {
-                ProxyError::UpstreamHeadTooLarge {
-                    endpoint: self.addr,
-                    reason: format!("response {e}"),
-                }
-            }
+            SendError::Head(
+                e @ (HeadError::TooLarge { .. } | HeadError::TooManyHeaders { .. }),
+            ) => ProxyError::UpstreamHeadTooLarge {
+                endpoint: self.addr,
+                reason: format!("response {e}"),
+            },
             other => ProxyError::Upstream {
                 endpoint: self.addr,
                 reason: other.to_string(),

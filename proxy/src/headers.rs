@@ -46,7 +46,8 @@ fn websocket_offer(headers: &HeaderMap) -> bool {
         v.to_str().is_ok_and(|s| {
             s.split(',').any(|t| {
                 let t = t.trim();
-                t.eq_ignore_ascii_case("websocket") || t.to_ascii_lowercase().starts_with("websocket/")
+                t.eq_ignore_ascii_case("websocket")
+                    || t.to_ascii_lowercase().starts_with("websocket/")
             })
         })
     })
@@ -221,9 +222,15 @@ mod tests {
     #[test]
     fn only_websocket_upgrades_survive_and_connection_cannot_remove_host() {
         let mut h2c = HeaderMap::new();
-        h2c.insert(header::CONNECTION, HeaderValue::from_static("Upgrade, HTTP2-Settings"));
+        h2c.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("Upgrade, HTTP2-Settings"),
+        );
         h2c.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
-        h2c.insert("http2-settings", HeaderValue::from_static("AAMAAABkAAQCAAAAAAIAAAAA"));
+        h2c.insert(
+            "http2-settings",
+            HeaderValue::from_static("AAMAAABkAAQCAAAAAAIAAAAA"),
+        );
         strip_hop_by_hop(&mut h2c);
         assert!(h2c.is_empty(), "{h2c:?}");
         assert!(!is_upgrade(&h2c));
@@ -235,14 +242,20 @@ mod tests {
         assert_eq!(mixed[header::UPGRADE], "websocket");
 
         let mut named = HeaderMap::new();
-        named.insert(header::CONNECTION, HeaderValue::from_static("host, content-length, trailer"));
+        named.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("host, content-length, trailer"),
+        );
         named.insert(header::HOST, HeaderValue::from_static("users"));
         named.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
         named.insert(header::TRAILER, HeaderValue::from_static("x-sum"));
         strip_hop_by_hop(&mut named);
         assert_eq!(named[header::HOST], "users");
         assert_eq!(named[header::CONTENT_LENGTH], "3");
-        assert!(!named.contains_key(header::TRAILER), "named by Connection, so removed");
+        assert!(
+            !named.contains_key(header::TRAILER),
+            "named by Connection, so removed"
+        );
         let mut declared = HeaderMap::new();
         declared.insert(header::TRAILER, HeaderValue::from_static("x-sum"));
         strip_hop_by_hop(&mut declared);

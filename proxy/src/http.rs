@@ -181,7 +181,10 @@ fn admit_h2(proxy: &Proxy, parts: &http::request::Parts) -> Result<(), ProxyErro
     }
     if let (Some(authority), Some(host)) = (parts.uri.authority(), parts.headers.get(header::HOST))
     {
-        if !host.as_bytes().eq_ignore_ascii_case(authority.as_str().as_bytes()) {
+        if !host
+            .as_bytes()
+            .eq_ignore_ascii_case(authority.as_str().as_bytes())
+        {
             return Err(ProxyError::BadRequest {
                 why: "`:authority` and `Host` name different hosts".into(),
             });

@@ -60,10 +60,13 @@ struct Override {
 /// is the time the bucket takes to refill (`burst / rate`, at least one second) and the quota
 /// what the bucket holds (`burst`), or less when a one-second window refills fewer.
 fn policy_header(name: &str, rate: Rate, burst: u32) -> HeaderValue {
-    let per_second = rate.per_second();
-    let burst = f64::from(burst.max(1));
-    let window = (burst / per_second).ceil().max(1.0);
-    let quota = burst.min((per_second * window).floor()).max(1.0);
+    // In integers (nanoseconds), so 100/min with a burst of 20 is exactly 12 s, not 13.
+    const NS: u128 = 1_000_000_000;
+    let per = rate.per().as_nanos().max(1);
+    let count = u128::from(rate.count().max(1));
+    let burst = u128::from(burst.max(1));
+    let window = (burst * per).div_ceil(count * NS).max(1);
+    let quota = burst.min(count * window * NS / per).max(1);
     header(&format!("\"{name}\";q={quota};w={window}"))
 }
 
@@ -473,6 +476,7 @@ mod tests {
         assert_eq!(policy_header("a", rate("1/s"), 5), "\"a\";q=5;w=5");
         assert_eq!(policy_header("a", rate("10/min"), 1), "\"a\";q=1;w=6");
         assert_eq!(policy_header("a", rate("1/s"), 1), "\"a\";q=1;w=1");
+        assert_eq!(policy_header("a", rate("100/min"), 20), "\"a\";q=20;w=12");
     }
 
     #[tokio::test(start_paused = true)]

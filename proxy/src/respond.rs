@@ -198,7 +198,9 @@ fn grpc_error(status: StatusCode, code: &'static str, message: &str) -> Response
     let grpc_status = match status {
         StatusCode::NOT_FOUND => "12", // UNIMPLEMENTED: no such service here
         StatusCode::GATEWAY_TIMEOUT => "4", // DEADLINE_EXCEEDED
-        StatusCode::BAD_REQUEST | StatusCode::REQUEST_TIMEOUT | StatusCode::PAYLOAD_TOO_LARGE => "13", // INTERNAL
+        StatusCode::BAD_REQUEST | StatusCode::REQUEST_TIMEOUT | StatusCode::PAYLOAD_TOO_LARGE => {
+            "13"
+        } // INTERNAL
         StatusCode::TOO_MANY_REQUESTS => "8", // RESOURCE_EXHAUSTED
         StatusCode::FORBIDDEN => "7",  // PERMISSION_DENIED
         _ => "14",                     // UNAVAILABLE

@@ -24,6 +24,7 @@ pub mod pki;
 mod proxy;
 mod rotel;
 pub mod servers;
+pub mod wire;
 
 pub use harness::{
     Proc, Response, bin, eventually, http, kubernetes_validate, skip, workspace_root,

@@ -30,7 +30,8 @@ async fn a_route_limit_answers_429_with_retry_after_and_ratelimit_headers() {
         let r = http(Method::GET, &url, None, &[]).await.expect("GET");
         statuses.push(r.status);
         if i == 0 {
-            assert_eq!(r.headers["ratelimit-policy"], "\"limited\";q=5;w=1");
+            // The bucket that is enforced: 3 at once, refilled within a second.
+            assert_eq!(r.headers["ratelimit-policy"], "\"limited\";q=3;w=1");
             assert_eq!(r.headers["ratelimit"], "\"limited\";r=2;t=1");
         }
         if r.status == StatusCode::TOO_MANY_REQUESTS {

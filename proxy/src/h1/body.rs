@@ -160,7 +160,9 @@ impl Decoder {
                     if buf.is_empty() {
                         return Ok(Decoded::NeedMore);
                     }
-                    let n = usize::try_from(*remaining).unwrap_or(usize::MAX).min(buf.len());
+                    let n = usize::try_from(*remaining)
+                        .unwrap_or(usize::MAX)
+                        .min(buf.len());
                     *remaining -= n as u64;
                     if *remaining == 0 {
                         self.state = DecoderState::Done;
@@ -168,7 +170,8 @@ impl Decoder {
                     return Ok(Decoded::Data(buf.split_to(n).freeze()));
                 }
                 DecoderState::Chunked(Chunked::Size) => {
-                    let Some(line_end) = find_crlf(buf, MAX_CHUNK_SIZE_DIGITS + MAX_CHUNK_EXTENSIONS)?
+                    let Some(line_end) =
+                        find_crlf(buf, MAX_CHUNK_SIZE_DIGITS + MAX_CHUNK_EXTENSIONS)?
                     else {
                         return Ok(Decoded::NeedMore);
                     };
@@ -190,7 +193,9 @@ impl Decoder {
                     if buf.is_empty() {
                         return Ok(Decoded::NeedMore);
                     }
-                    let n = usize::try_from(*remaining).unwrap_or(usize::MAX).min(buf.len());
+                    let n = usize::try_from(*remaining)
+                        .unwrap_or(usize::MAX)
+                        .min(buf.len());
                     *remaining -= n as u64;
                     if *remaining == 0 {
                         self.state = DecoderState::Chunked(Chunked::DataEnd);
@@ -353,7 +358,12 @@ pub struct Pump {
 }
 
 impl Pump {
-    pub fn new(decoder: Decoder, tx: Option<BodySender>, progress_timeout: Option<Duration>, client: bool) -> Self {
+    pub fn new(
+        decoder: Decoder,
+        tx: Option<BodySender>,
+        progress_timeout: Option<Duration>,
+        client: bool,
+    ) -> Self {
         Self {
             decoder,
             tx,
@@ -400,7 +410,9 @@ impl Pump {
                     let n = match self.progress_timeout {
                         Some(limit) => match tokio::time::timeout(limit, read).await {
                             Ok(r) => r,
-                            Err(_) => return Err(self.fail(permit, ClientBodyError::Timeout(limit))),
+                            Err(_) => {
+                                return Err(self.fail(permit, ClientBodyError::Timeout(limit)));
+                            }
                         },
                         None => read.await,
                     };
@@ -465,7 +477,10 @@ mod tests {
         max_headers: 8,
     };
 
-    fn decode_all(framing: Framing, input: &[u8]) -> Result<(Vec<u8>, Option<HeaderMap>), ClientBodyError> {
+    fn decode_all(
+        framing: Framing,
+        input: &[u8],
+    ) -> Result<(Vec<u8>, Option<HeaderMap>), ClientBodyError> {
         let mut d = Decoder::new(framing, L);
         let mut buf = BytesMut::from(input);
         let (mut data, mut trailers) = (Vec::new(), None);
@@ -503,7 +518,10 @@ mod tests {
             b"11111111111111111\r\n",
         ] {
             assert!(
-                matches!(decode_all(Framing::Chunked, bad), Err(ClientBodyError::Malformed(_))),
+                matches!(
+                    decode_all(Framing::Chunked, bad),
+                    Err(ClientBodyError::Malformed(_))
+                ),
                 "{:?}",
                 String::from_utf8_lossy(bad)
             );

@@ -25,7 +25,9 @@ pub struct Conn {
 
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Conn").field("buffered", &self.buf.len()).finish()
+        f.debug_struct("Conn")
+            .field("buffered", &self.buf.len())
+            .finish()
     }
 }
 
@@ -104,13 +106,9 @@ fn request_head(parts: &http::request::Parts, framing: Framing) -> Vec<u8> {
     out.push(b' ');
     match parts.extensions.get::<RawTarget>() {
         Some(raw) => out.extend_from_slice(&raw.0),
-        None if parts.method == Method::CONNECT => out.extend_from_slice(
-            parts
-                .uri
-                .authority()
-                .map_or("", |a| a.as_str())
-                .as_bytes(),
-        ),
+        None if parts.method == Method::CONNECT => {
+            out.extend_from_slice(parts.uri.authority().map_or("", |a| a.as_str()).as_bytes())
+        }
         None => out.extend_from_slice(
             parts
                 .uri
@@ -267,7 +265,10 @@ async fn exchange(
         }
     };
     let (parts, ()) = response.into_parts();
-    if reply.send(Ok(Response::from_parts(parts, resp_body))).is_err() {
+    if reply
+        .send(Ok(Response::from_parts(parts, resp_body)))
+        .is_err()
+    {
         return;
     }
     // Both bodies, until the response's ends.
@@ -339,7 +340,11 @@ async fn read_response<R: AsyncRead + Unpin>(
                     request_written: true,
                 });
             }
-            Ok(0) => return Err(SendError::Protocol("the response head was cut short".into())),
+            Ok(0) => {
+                return Err(SendError::Protocol(
+                    "the response head was cut short".into(),
+                ));
+            }
             Ok(_) => got_bytes = true,
             Err(e) if !got_bytes => {
                 return Err(SendError::Closed {
@@ -426,7 +431,10 @@ impl BodyWriter {
         self.flush(wr).await
     }
 
-    async fn flush<W: tokio::io::AsyncWrite + Unpin>(&mut self, wr: &mut W) -> Result<(), SendError> {
+    async fn flush<W: tokio::io::AsyncWrite + Unpin>(
+        &mut self,
+        wr: &mut W,
+    ) -> Result<(), SendError> {
         while self.written < self.out.len() {
             let n = wr
                 .write(&self.out[self.written..])

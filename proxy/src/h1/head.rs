@@ -263,7 +263,9 @@ mod tests {
     #[test]
     fn pipelined_heads_leave_the_next_one_in_the_buffer() {
         let mut buf = BytesMut::from(&b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\n"[..]);
-        let first = parse_request(&mut buf, L).expect("valid").expect("complete");
+        let first = parse_request(&mut buf, L)
+            .expect("valid")
+            .expect("complete");
         assert_eq!(&first.target[..], b"/1");
         assert_eq!(&buf[..], b"GET /2 HTTP/1.1\r\n");
     }
@@ -271,7 +273,9 @@ mod tests {
     #[test]
     fn responses_keep_their_reason_and_trailers_parse() {
         let mut buf = BytesMut::from(&b"HTTP/1.1 299 Fine Indeed\r\nA: 1\r\n\r\nrest"[..]);
-        let head = parse_response(&mut buf, L).expect("valid").expect("complete");
+        let head = parse_response(&mut buf, L)
+            .expect("valid")
+            .expect("complete");
         assert_eq!(head.status.as_u16(), 299);
         assert_eq!(&head.reason[..], b"Fine Indeed");
         assert_eq!(&buf[..], b"rest");
@@ -279,6 +283,11 @@ mod tests {
         let trailers = parse_trailers(&mut t, L).expect("valid").expect("complete");
         assert_eq!(trailers["grpc-status"], "0");
         let mut none = BytesMut::from(&b"\r\n"[..]);
-        assert!(parse_trailers(&mut none, L).expect("valid").expect("complete").is_empty());
+        assert!(
+            parse_trailers(&mut none, L)
+                .expect("valid")
+                .expect("complete")
+                .is_empty()
+        );
     }
 }

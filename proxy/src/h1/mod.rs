@@ -117,7 +117,10 @@ fn chunked(headers: &HeaderMap) -> Result<Option<bool>, &'static str> {
             if item.is_empty() {
                 return Err("empty transfer coding");
             }
-            if last.as_deref().is_some_and(|l| l.eq_ignore_ascii_case(b"chunked")) {
+            if last
+                .as_deref()
+                .is_some_and(|l| l.eq_ignore_ascii_case(b"chunked"))
+            {
                 return Err("chunked is not the final transfer coding");
             }
             last = Some(item.to_ascii_lowercase());
@@ -132,9 +135,7 @@ fn chunked(headers: &HeaderMap) -> Result<Option<bool>, &'static str> {
 pub fn request_framing(version: Version, headers: &HeaderMap) -> Result<Framing, &'static str> {
     let length = content_length(headers)?;
     match chunked(headers)? {
-        Some(_) if version == Version::HTTP_10 => {
-            Err("Transfer-Encoding in an HTTP/1.0 request")
-        }
+        Some(_) if version == Version::HTTP_10 => Err("Transfer-Encoding in an HTTP/1.0 request"),
         Some(_) if length.is_some() => Err("both Transfer-Encoding and Content-Length"),
         Some(true) => Ok(Framing::Chunked),
         Some(false) => Err("a transfer coding other than chunked"),
@@ -293,7 +294,9 @@ pub fn routing_uri(target: &str) -> http::Uri {
             encoded.push_str(&format!("%{b:02X}"));
         }
     }
-    encoded.parse().unwrap_or_else(|_| http::Uri::from_static("/"))
+    encoded
+        .parse()
+        .unwrap_or_else(|_| http::Uri::from_static("/"))
 }
 
 /// The standard reason phrase, or the upstream's own.
@@ -333,7 +336,10 @@ mod tests {
             Ok(Framing::Length(5))
         );
         assert_eq!(
-            request_framing(v11, &h(&[("content-length", "5"), ("content-length", "5, 5")])),
+            request_framing(
+                v11,
+                &h(&[("content-length", "5"), ("content-length", "5, 5")])
+            ),
             Ok(Framing::Length(5))
         );
         assert_eq!(
@@ -348,13 +354,22 @@ mod tests {
             &[("transfer-encoding", "chunked"), ("content-length", "5")],
             &[("transfer-encoding", "gzip")],
             &[("transfer-encoding", "chunked, gzip")],
-            &[("transfer-encoding", "chunked"), ("transfer-encoding", "chunked")],
+            &[
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked"),
+            ],
         ] {
             assert!(request_framing(v11, &h(bad)).is_err(), "{bad:?}");
         }
-        assert!(request_framing(Version::HTTP_10, &h(&[("transfer-encoding", "chunked")])).is_err());
+        assert!(
+            request_framing(Version::HTTP_10, &h(&[("transfer-encoding", "chunked")])).is_err()
+        );
         assert_eq!(
-            response_framing(&Method::HEAD, StatusCode::OK, &h(&[("content-length", "9")])),
+            response_framing(
+                &Method::HEAD,
+                StatusCode::OK,
+                &h(&[("content-length", "9")])
+            ),
             Ok(Framing::Empty)
         );
         assert_eq!(
@@ -378,9 +393,23 @@ mod tests {
             target_form(&Method::CONNECT, b"db:5432"),
             Ok(TargetForm::Authority)
         );
-        assert_eq!(target_form(&Method::OPTIONS, b"*"), Ok(TargetForm::Asterisk));
-        for bad in [&b"nopath"[..], b"evil:80", b"*", b"http://a@b/", b"/a#f", b"http:///x"] {
-            assert!(target_form(&get, bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        assert_eq!(
+            target_form(&Method::OPTIONS, b"*"),
+            Ok(TargetForm::Asterisk)
+        );
+        for bad in [
+            &b"nopath"[..],
+            b"evil:80",
+            b"*",
+            b"http://a@b/",
+            b"/a#f",
+            b"http:///x",
+        ] {
+            assert!(
+                target_form(&get, bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
         assert!(target_form(&Method::CONNECT, b"/").is_err());
         assert!(target_form(&Method::CONNECT, b"host").is_err());
@@ -391,7 +420,17 @@ mod tests {
         for good in ["users", "users:8080", "[::1]:80", "10.0.0.1", "a.b-c_d"] {
             assert!(valid_authority(good, false).is_ok(), "{good}");
         }
-        for bad in ["", "backend@evil", "a b", "a/b", "a:", "a:x", "[zz]", ":80", "a:123456"] {
+        for bad in [
+            "",
+            "backend@evil",
+            "a b",
+            "a/b",
+            "a:",
+            "a:x",
+            "[zz]",
+            ":80",
+            "a:123456",
+        ] {
             assert!(valid_authority(bad, false).is_err(), "{bad}");
         }
     }

@@ -136,13 +136,23 @@ where
             loop {
                 tokio::select! {
                     biased;
-                    response = &mut handling => break response,
                     Some(interim) = interim_rx.recv() => {
                         if version == Version::HTTP_11
                             && write_interim(&mut wr, &interim).await.is_err()
                         {
                             return;
                         }
+                    }
+                    response = &mut handling => {
+                        // Interim answers sent just before the final one still go first.
+                        while let Ok(interim) = interim_rx.try_recv() {
+                            if version == Version::HTTP_11
+                                && write_interim(&mut wr, &interim).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                        break response;
                     }
                     stepped = step(&mut pump, &mut rd, &mut buf), if pump_active(&pump) => {
                         if let Err(e) = stepped {
@@ -155,7 +165,11 @@ where
         drop(interim_rx);
 
         let keep_alive = keep_alive && !drain.is_draining();
-        match respond_with(&mut wr, &mut pump, &mut rd, &mut buf, response, &method, version, keep_alive).await {
+        match respond_with(
+            &mut wr, &mut pump, &mut rd, &mut buf, response, &method, version, keep_alive,
+        )
+        .await
+        {
             Ok(Next::KeepAlive) => {}
             Ok(Next::Close) | Err(_) => {
                 linger(rd, wr, buf).await;
@@ -207,7 +221,11 @@ async fn read_head<R: AsyncRead + Unpin>(
         }
         if buf.is_empty() && deadline.is_none() {
             // Between requests: idle until the keep-alive timeout or a drain.
-            let idle = if first { cfg.header_timeout } else { cfg.keepalive_timeout };
+            let idle = if first {
+                cfg.header_timeout
+            } else {
+                cfg.keepalive_timeout
+            };
             tokio::select! {
                 read = tokio::time::timeout(idle, rd.read_buf(buf)) => match read {
                     Ok(Ok(0) | Err(_)) | Err(_) => return Ok(None),
@@ -218,7 +236,8 @@ async fn read_head<R: AsyncRead + Unpin>(
             deadline = Some(tokio::time::Instant::now() + cfg.header_timeout);
             continue;
         }
-        let until = *deadline.get_or_insert_with(|| tokio::time::Instant::now() + cfg.header_timeout);
+        let until =
+            *deadline.get_or_insert_with(|| tokio::time::Instant::now() + cfg.header_timeout);
         match tokio::time::timeout_at(until, rd.read_buf(buf)).await {
             Ok(Ok(0) | Err(_)) => return Err(None),
             Ok(Ok(_)) => {}
@@ -251,7 +270,9 @@ fn admit(head: RequestHead) -> Result<Admitted, Refusal> {
     if hosts.len() > 1 {
         return Err(Refusal::bad("more than one Host header"));
     }
-    let host = hosts.first().map(|h| h.to_str().unwrap_or("\u{0}").to_string());
+    let host = hosts
+        .first()
+        .map(|h| h.to_str().unwrap_or("\u{0}").to_string());
     let (uri, authority) = match &form {
         TargetForm::Absolute { authority, path } => {
             (super::routing_uri(path), Some(authority.clone()))
@@ -353,7 +374,10 @@ async fn respond_with<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(super::reason_phrase(status, parts.extensions.get::<Reason>()));
+    out.extend_from_slice(super::reason_phrase(
+        status,
+        parts.extensions.get::<Reason>(),
+    ));
     out.extend_from_slice(b"\r\n");
     super::write_fields(&mut out, &parts.headers);
     out.extend_from_slice(b"\r\n");
@@ -464,7 +488,11 @@ async fn respond_with<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
             }
         }
     }
-    Ok(if keep_alive { Next::KeepAlive } else { Next::Close })
+    Ok(if keep_alive {
+        Next::KeepAlive
+    } else {
+        Next::Close
+    })
 }
 
 async fn write_interim<W: AsyncWrite + Unpin>(
@@ -486,7 +514,11 @@ async fn write_interim<W: AsyncWrite + Unpin>(
 async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, refusal: &Refusal) {
     tracing::debug!(status = %refusal.status, reason = %refusal.message, "refused a request");
     let _ = wr
-        .write_all(&respond::raw_http1(refusal.status, refusal.code, &refusal.message))
+        .write_all(&respond::raw_http1(
+            refusal.status,
+            refusal.code,
+            &refusal.message,
+        ))
         .await;
     let _ = wr.flush().await;
 }
