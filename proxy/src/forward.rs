@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{Method, Request, Response, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use sidemesh_config::MtlsMode;
 use tower::Service;
@@ -86,6 +86,7 @@ async fn forward(proxy: Arc<Proxy>, mut req: Request<Body>) -> Result<Response<B
     // Only upgrades the proxy can keep enforcing reach here (WebSocket: see
     // `headers::strip_hop_by_hop`), and CONNECT tunnels; both get their own connection.
     let upgrade = headers::is_upgrade(req.headers()) || req.method() == Method::CONNECT;
+    let head = req.method() == Method::HEAD;
 
     let (mut parts, body) = req.into_parts();
     let version = if parts.version == Version::HTTP_2 && !upgrade {
@@ -137,6 +138,12 @@ async fn forward(proxy: Arc<Proxy>, mut req: Request<Body>) -> Result<Response<B
         parts.headers.remove(crate::respond::ERROR_HEADER);
     }
     parts.extensions.insert(UpstreamEndpoint(endpoint.addr));
+    // A response that cannot have a body (RFC 9110 section 6.4.1) has none, whatever its
+    // Content-Length says: an HTTP/2 upstream's body would otherwise wait for those bytes.
+    let bodiless = head
+        || parts.status == StatusCode::NO_CONTENT
+        || parts.status == StatusCode::NOT_MODIFIED;
+    let incoming = if bodiless { crate::body::empty() } else { incoming };
     let body = Guarded::new(incoming, in_flight).boxed_unsync();
     Ok(Response::from_parts(parts, body))
 }

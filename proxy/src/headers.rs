@@ -66,7 +66,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|s| s.split(','))
             .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .filter(|n| !(upgrade && n == header::UPGRADE) && !PROTECTED.contains(n))
+            .filter(|n| !(PROTECTED.contains(n) || (upgrade && n == header::UPGRADE)))
             .collect();
         for name in &named {
             headers.remove(name);

@@ -13,13 +13,19 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// Reads as they arrived: (connection number, bytes).
+type Reads = Arc<Mutex<Vec<(usize, Vec<u8>)>>>;
+
+/// A body read off the wire: data, trailers, bytes used, whether it was complete.
+type ReadBody = (Vec<u8>, Vec<(String, String)>, usize, bool);
+
 /// An application on a raw socket: it records what arrives and answers each complete
 /// request by its path (see [`scripted_response`]).
 #[derive(Debug, Clone)]
 pub struct RecordingApp {
     pub addr: SocketAddr,
     /// What arrived, read by read, with the connection it arrived on.
-    received: Arc<Mutex<Vec<(usize, Vec<u8>)>>>,
+    received: Reads,
 }
 
 impl RecordingApp {
@@ -60,7 +66,7 @@ impl RecordingApp {
     }
 }
 
-async fn serve(mut stream: TcpStream, received: Arc<Mutex<Vec<(usize, Vec<u8>)>>>, conn: usize) {
+async fn serve(mut stream: TcpStream, received: Reads, conn: usize) {
     let mut seen = Vec::new();
     let mut answered = 0;
     let mut continued = 0;
@@ -233,7 +239,7 @@ fn read_body(
     bytes: &[u8],
     headers: &[(String, String)],
     close_delimited: bool,
-) -> Option<(Vec<u8>, Vec<(String, String)>, usize, bool)> {
+) -> Option<ReadBody> {
     let get = |name: &str| {
         headers
             .iter()

@@ -333,7 +333,7 @@ impl http_body::Body for ChannelBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.hint.clone()
+        self.hint
     }
 }
 
