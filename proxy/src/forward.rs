@@ -140,10 +140,13 @@ async fn forward(proxy: Arc<Proxy>, mut req: Request<Body>) -> Result<Response<B
     parts.extensions.insert(UpstreamEndpoint(endpoint.addr));
     // A response that cannot have a body (RFC 9110 section 6.4.1) has none, whatever its
     // Content-Length says: an HTTP/2 upstream's body would otherwise wait for those bytes.
-    let bodiless = head
-        || parts.status == StatusCode::NO_CONTENT
-        || parts.status == StatusCode::NOT_MODIFIED;
-    let incoming = if bodiless { crate::body::empty() } else { incoming };
+    let bodiless =
+        head || parts.status == StatusCode::NO_CONTENT || parts.status == StatusCode::NOT_MODIFIED;
+    let incoming = if bodiless {
+        crate::body::empty()
+    } else {
+        incoming
+    };
     let body = Guarded::new(incoming, in_flight).boxed_unsync();
     Ok(Response::from_parts(parts, body))
 }

@@ -632,6 +632,49 @@ mod tests {
     use super::*;
 
     #[test]
+    fn injected_context_rewrites_b3_to_the_same_span_and_adds_no_empty_tracestate() {
+        let mut incoming = HeaderMap::new();
+        incoming.insert(
+            "b3",
+            "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1"
+                .parse()
+                .expect("value"),
+        );
+        incoming.insert(
+            "x-b3-traceid",
+            "80f198ee56343ba864fe8b2a57d3eff7".parse().expect("value"),
+        );
+        incoming.insert("x-b3-spanid", "e457b5a2e4d86bd1".parse().expect("value"));
+        incoming.insert(
+            "x-b3-parentspanid",
+            "05e3ac9a4f6e3b90".parse().expect("value"),
+        );
+        // The proxy's own span: same trace, a new span id.
+        let ours = SpanContext::new(
+            TraceId::from_hex("80f198ee56343ba864fe8b2a57d3eff7").expect("hex"),
+            SpanId::from_hex("1111111111111111").expect("hex"),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        );
+        let cx = Context::new().with_remote_span_context(ours);
+        let mut h = incoming.clone();
+        inject(&cx, &mut h);
+        assert_eq!(
+            h["traceparent"],
+            "00-80f198ee56343ba864fe8b2a57d3eff7-1111111111111111-01"
+        );
+        assert!(!h.contains_key("tracestate"), "{h:?}");
+        assert_eq!(
+            h["b3"],
+            "80f198ee56343ba864fe8b2a57d3eff7-1111111111111111-1"
+        );
+        assert_eq!(h["x-b3-spanid"], "1111111111111111");
+        assert_eq!(h["x-b3-sampled"], "1");
+        assert!(!h.contains_key("x-b3-parentspanid"));
+    }
+
+    #[test]
     fn b3_single_and_multi_headers_continue_the_trace() {
         let mut h = HeaderMap::new();
         h.insert(

@@ -9,18 +9,21 @@ use sidemesh_tests::TestProxy;
 use sidemesh_tests::servers::EchoServer;
 
 /// h2spec cases the proxy does not pass, with why.
-const EXPECTED_FAILURES: &[(&str, &str)] = &[(
-    "http2/3.5",
-    "the port serves HTTP/1 as well as HTTP/2 with prior knowledge: bytes that are neither \
+const EXPECTED_FAILURES: &[(&str, &str)] = &[
+    (
+        "http2/3.5",
+        "the port serves HTTP/1 as well as HTTP/2 with prior knowledge: bytes that are neither \
      an HTTP/2 preface nor an HTTP/1 request line get the proxy's marked HTTP/1.1 400 before \
      the connection closes, which h2spec reads as \"not closed\"",
-), (
-    "http2/8.1.2.1",
-    "case 3 races: the proxy forwards the request as soon as its headers arrive, and when \
+    ),
+    (
+        "http2/8.1.2.1",
+        "case 3 races: the proxy forwards the request as soon as its headers arrive, and when \
      the upstream's whole answer is back before h2spec's malformed trailers, the stream is \
      already closed on the proxy's side and the trailers are not inspected; seen in about \
      one run in two",
-)];
+    ),
+];
 
 fn h2spec() -> Option<PathBuf> {
     if let Ok(path) = std::env::var("H2SPEC") {
@@ -44,7 +47,9 @@ fn h2spec() -> Option<PathBuf> {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_proxys_http2_server_passes_h2spec() {
     let Some(h2spec) = h2spec() else {
-        sidemesh_tests::skip("h2spec is not installed (go install github.com/summerwind/h2spec/cmd/h2spec@latest)");
+        sidemesh_tests::skip(
+            "h2spec is not installed (go install github.com/summerwind/h2spec/cmd/h2spec@latest)",
+        );
         return;
     };
     let echo = EchoServer::start("echo").await;
@@ -59,7 +64,15 @@ async fn the_proxys_http2_server_passes_h2spec() {
         let report = report.path().to_path_buf();
         move || {
             Command::new(h2spec)
-                .args(["-h", "127.0.0.1", "-p", &addr.port().to_string(), "-o", "5", "-j"])
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &addr.port().to_string(),
+                    "-o",
+                    "5",
+                    "-j",
+                ])
                 .arg(&report)
                 .output()
                 .expect("run h2spec")

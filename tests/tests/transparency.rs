@@ -349,6 +349,18 @@ async fn the_proxys_error_marker_cannot_be_forged_by_an_app() {
     assert!(answer.start.starts_with("HTTP/1.1 200"), "{answer:?}");
     assert_eq!(answer.header("x-app"), Some("recorder"));
     assert_eq!(answer.header("x-sidemesh-error"), None, "{answer:?}");
+    let _ = received(&app);
+
+    // Nor can a client set the attempt number the app reads on retried routes.
+    let _ = exchange(
+        pair.entry(),
+        b"GET /plain HTTP/1.1\r\nHost: app\r\nx-sidemesh-attempt: 7\r\n\r\n",
+        QUIET,
+    )
+    .await;
+    let seen = received(&app);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].header("x-sidemesh-attempt"), None, "{seen:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
