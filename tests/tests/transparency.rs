@@ -596,3 +596,67 @@ async fn python_http_server_answers_the_same_through_the_mesh() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A proxy in front of the recording app without mTLS, with `tweak` applied to its flags.
+async fn single_proxy(
+    app: &RecordingApp,
+    tweak: impl FnOnce(&mut sidemesh_proxy::config::Args),
+) -> sidemesh_tests::TestProxy {
+    let yaml = format!(
+        "apiVersion: sidemesh.io/v1\nkind: Mesh\nservices:\n  - name: client\n    ports: [{{port: 1}}]\n  - name: app\n    ports: [{{port: 80}}]\n    endpoints: [\"{}\"]\n",
+        app.addr
+    );
+    sidemesh_tests::TestProxy::start(&yaml, "client", &["app"], tweak).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_keep_alive_connections_close_after_the_keepalive_timeout_not_the_header_timeout() {
+    use tokio::io::AsyncWriteExt;
+    let app = RecordingApp::start().await;
+    let proxy = single_proxy(&app, |args| {
+        args.timeouts.keepalive = Duration::from_millis(300);
+        args.timeouts.header = Duration::from_secs(30);
+    })
+    .await;
+    let mut stream = tokio::net::TcpStream::connect(proxy.upstream("app"))
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET /plain HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .expect("write");
+    let answered = std::time::Instant::now();
+    // Everything the proxy sends until it closes: one answer, then the close.
+    let back = wire::read_until_quiet(&mut stream, Duration::from_secs(10)).await;
+    let idle = answered.elapsed();
+    let text = String::from_utf8_lossy(&back);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert_eq!(parse_responses(&back, &["GET"]).len(), 1, "{text}");
+    assert!(
+        idle >= Duration::from_millis(300) && idle < Duration::from_secs(5),
+        "closed after {idle:?} idle; keepalive is 300ms, the header timeout 30s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn listeners_queue_a_burst_of_new_connections() {
+    let app = RecordingApp::start().await;
+    let proxy = single_proxy(&app, |_| {}).await;
+    let port = proxy.upstream("app").port();
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(4096);
+    // `ss` shows a listening socket's backlog in its Send-Q column.
+    let out = std::process::Command::new("ss")
+        .args(["-ltnH", &format!("sport = :{port}")])
+        .output()
+        .expect("ss (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let backlog: u32 = text
+        .split_whitespace()
+        .nth(2)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no listener on {port} in `ss`: {text}"));
+    assert_eq!(backlog, somaxconn.min(4096), "{text}");
+}

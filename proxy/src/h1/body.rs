@@ -432,6 +432,11 @@ impl Pump {
                     if let Some(p) = permit {
                         p.send(Ok(Frame::data(bytes)));
                     }
+                    if self.decoder.is_done() {
+                        // The last bytes of a length-framed body: the reader sees its end now,
+                        // not when the connection's next request comes.
+                        self.tx = None;
+                    }
                 }
                 Decoded::Trailers(trailers) => {
                     if let Some(p) = permit {
