@@ -126,6 +126,33 @@ async fn http2_requests_stay_http2_with_their_authority() {
 }
 
 #[tokio::test]
+async fn the_proxys_own_grpc_answers_carry_no_date_in_their_trailing_metadata() {
+    let proxy = TestProxy::start(
+        &mesh(&[("nowhere", vec![], "")], ""),
+        "client",
+        &["nowhere"],
+        |_| {},
+    )
+    .await;
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let req = Request::post(proxy.url("nowhere", "/users.UserService/Get"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::default())
+        .expect("request");
+    let resp = client.request(req).await.expect("h2 through the proxy");
+    assert_eq!(resp.headers()["grpc-status"], "14", "{:?}", resp.headers());
+    assert_eq!(resp.headers()["x-sidemesh-error"], "no-endpoints");
+    assert!(
+        !resp.headers().contains_key("date"),
+        "a trailers-only answer's headers are its trailing metadata: {:?}",
+        resp.headers()
+    );
+}
+
+#[tokio::test]
 async fn grpc_unary_streaming_and_trailers_pass_through() {
     let grpc = grpc_trailers().await;
     let proxy = TestProxy::start(
