@@ -292,7 +292,11 @@ impl Endpoint {
     fn checkout_h1(&self, pool: &PoolConfig) -> Option<h1::client::Conn> {
         let mut idle = self.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some((mut conn, since)) = idle.pop() {
-            if since.elapsed() < pool.idle_timeout && conn.is_usable() {
+            let idle = since.elapsed();
+            // A connection used within the last second is taken as it is (a probe is a read
+            // syscall per request): servers keep idle connections for seconds, and a request
+            // without a body that meets a just-closed one is sent again on a new connection.
+            if idle < pool.idle_timeout && (idle < Duration::from_secs(1) || conn.is_usable()) {
                 return Some(conn);
             }
         }

@@ -86,6 +86,18 @@ async fn serve(mut stream: TcpStream, received: Reads, conn: usize) {
             let req = &requests[answered];
             answered += 1;
             let path = req.start.split(' ').nth(1).unwrap_or("").to_string();
+            if path.starts_with("/respond/slow-body") {
+                // A head at once, the body a second later (a stream of events, a long poll).
+                let head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+                if stream.write_all(head).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if stream.write_all(b"4\r\nlate\r\n0\r\n\r\n").await.is_err() {
+                    return;
+                }
+                continue;
+            }
             let out = scripted_response(&path, &req.start, req.header("upgrade"));
             if stream.write_all(&out).await.is_err() {
                 return;

@@ -660,3 +660,31 @@ async fn listeners_queue_a_burst_of_new_connections() {
         .unwrap_or_else(|| panic!("no listener on {port} in `ss`: {text}"));
     assert_eq!(backlog, somaxconn.min(4096), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_response_head_is_not_held_back_by_a_body_that_is_slow_to_start() {
+    use tokio::io::AsyncWriteExt;
+    let app = RecordingApp::start().await;
+    let pair = Pair::start(app.addr).await;
+    let mut stream = tokio::net::TcpStream::connect(pair.entry())
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET /respond/slow-body HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await
+        .expect("write");
+    // The app sends its head at once and its body a second later: the head is through
+    // both proxies well before the body exists.
+    let head = wire::read_until_quiet(&mut stream, Duration::from_millis(500)).await;
+    let head = String::from_utf8_lossy(&head).into_owned();
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "the head came first: {head:?}"
+    );
+    assert!(!head.contains("late"), "{head:?}");
+    let rest = wire::read_until_quiet(&mut stream, Duration::from_secs(3)).await;
+    assert!(
+        String::from_utf8_lossy(&rest).contains("late"),
+        "then the body"
+    );
+}

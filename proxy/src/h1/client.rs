@@ -3,10 +3,10 @@
 //! interim answers, hands the response head back as soon as it is read, streams both bodies,
 //! and finally offers the connection back for reuse when both ended cleanly.
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use http::header;
 use http::{Method, Request, Response, StatusCode, Version};
-use http_body::Body as _;
+use http_body::{Body as _, Frame};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::sync::oneshot;
@@ -154,18 +154,6 @@ async fn exchange(
     let Conn { io, mut buf } = conn;
     let (mut rd, mut wr) = tokio::io::split(io);
     let head = request_head(&parts, framing);
-    if let Err(e) = async {
-        wr.write_all(&head).await?;
-        wr.flush().await
-    }
-    .await
-    {
-        let _ = reply.send(Err(SendError::Closed {
-            request_written: false,
-        }
-        .or_io(e)));
-        return;
-    }
     let mut writer = BodyWriter {
         framing,
         remaining: match framing {
@@ -174,9 +162,25 @@ async fn exchange(
         },
         done: framing == Framing::Empty,
         failed: false,
-        out: Vec::new(),
+        out: head,
         written: 0,
     };
+    // The head goes out with the body's first frame when that is ready at once (one write,
+    // one TLS record), alone otherwise.
+    if let Err(e) = writer.first_frame(&mut body) {
+        let _ = reply.send(Err(e));
+        return;
+    }
+    if let Err(e) = writer.flush(&mut wr).await {
+        let _ = reply.send(Err(match e {
+            SendError::Io(e) => SendError::Closed {
+                request_written: false,
+            }
+            .or_io(e),
+            other => other,
+        }));
+        return;
+    }
     // Until the response head: write the body as it comes, relay interim answers.
     let response_head = loop {
         tokio::select! {
@@ -369,6 +373,19 @@ struct BodyWriter {
 }
 
 impl BodyWriter {
+    /// Adds the body's first frame to the head in `out` when it is ready now (a body already
+    /// in memory); a pending body is left to `next`.
+    fn first_frame(&mut self, body: &mut Body) -> Result<(), SendError> {
+        if self.done {
+            return Ok(());
+        }
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match std::pin::Pin::new(&mut *body).poll_frame(&mut cx) {
+            std::task::Poll::Ready(frame) => self.encode(frame),
+            std::task::Poll::Pending => Ok(()),
+        }
+    }
+
     fn finished(&self) -> bool {
         self.done && self.written >= self.out.len()
     }
@@ -387,6 +404,12 @@ impl BodyWriter {
         let frame = body.frame().await;
         self.out.clear();
         self.written = 0;
+        self.encode(frame)?;
+        self.flush(wr).await
+    }
+
+    /// Appends one frame (or the end) in the framing the head announced.
+    fn encode(&mut self, frame: Option<Result<Frame<Bytes>, BoxError>>) -> Result<(), SendError> {
         match frame {
             None => {
                 self.done = true;
@@ -405,6 +428,7 @@ impl BodyWriter {
                     Framing::Chunked => h1body::encode_chunk(&mut self.out, &data),
                     _ => {
                         if data.len() as u64 > self.remaining {
+                            self.done = true;
                             return Err(SendError::Protocol(
                                 "the request body is longer than its Content-Length".into(),
                             ));
@@ -428,7 +452,7 @@ impl BodyWriter {
                 });
             }
         }
-        self.flush(wr).await
+        Ok(())
     }
 
     async fn flush<W: tokio::io::AsyncWrite + Unpin>(

@@ -172,7 +172,7 @@ where
         {
             Ok(Next::KeepAlive) => {}
             Ok(Next::Close) | Err(_) => {
-                linger(rd, wr, buf).await;
+                linger(rd, wr).await;
                 return;
             }
             Ok(Next::Upgrade(upstream)) => {
@@ -449,6 +449,10 @@ async fn respond_with<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     return Ok(Next::Close);
                 }
             },
+            // The head waits for the first frame only while that frame is ready: written
+            // together they are one write (and one TLS record); a body that is slow to start
+            // (a stream of events, a long poll) must not hold its head back.
+            () = std::future::ready(()), if !out.is_empty() => {}
             stepped = step(pump, rd, buf), if pump_active(pump) => {
                 if let Err(e) = stepped {
                     tracing::debug!(error = %e, "client request body failed while the response streamed");
@@ -526,7 +530,7 @@ async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, refusal: &Refusal) {
 /// Closes the connection after the last answer without losing it: the write side is shut,
 /// then what the client still sends is read and dropped for a moment, so the kernel does not
 /// reset the connection (and the answer with it) over unread bytes.
-async fn linger<I: Io>(mut rd: ReadHalf<I>, mut wr: WriteHalf<I>, _buf: BytesMut) {
+async fn linger<I: Io>(mut rd: ReadHalf<I>, mut wr: WriteHalf<I>) {
     let _ = wr.flush().await;
     let _ = wr.shutdown().await;
     let mut sink = [0u8; 4096];
