@@ -167,7 +167,8 @@ fn admit_h2(proxy: &Proxy, parts: &http::request::Parts) -> Result<(), ProxyErro
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len() + 32)
         .sum::<usize>()
-        + parts.uri.to_string().len();
+        + parts.uri.authority().map_or(0, |a| a.as_str().len())
+        + parts.uri.path_and_query().map_or(0, |p| p.as_str().len());
     if bytes > limits.max_header_bytes + 32 * limits.max_headers {
         return Err(ProxyError::HeadersTooLarge {
             why: format!("request head larger than {} bytes", limits.max_header_bytes),

@@ -157,17 +157,13 @@ impl Decoder {
                     return Ok(Decoded::Data(buf.split().freeze()));
                 }
                 DecoderState::Length(remaining) => {
-                    if buf.is_empty() {
+                    let Some(data) = take(buf, remaining) else {
                         return Ok(Decoded::NeedMore);
-                    }
-                    let n = usize::try_from(*remaining)
-                        .unwrap_or(usize::MAX)
-                        .min(buf.len());
-                    *remaining -= n as u64;
+                    };
                     if *remaining == 0 {
                         self.state = DecoderState::Done;
                     }
-                    return Ok(Decoded::Data(buf.split_to(n).freeze()));
+                    return Ok(Decoded::Data(data));
                 }
                 DecoderState::Chunked(Chunked::Size) => {
                     let Some(line_end) =
@@ -190,17 +186,13 @@ impl Decoder {
                     });
                 }
                 DecoderState::Chunked(Chunked::Data(remaining)) => {
-                    if buf.is_empty() {
+                    let Some(data) = take(buf, remaining) else {
                         return Ok(Decoded::NeedMore);
-                    }
-                    let n = usize::try_from(*remaining)
-                        .unwrap_or(usize::MAX)
-                        .min(buf.len());
-                    *remaining -= n as u64;
+                    };
                     if *remaining == 0 {
                         self.state = DecoderState::Chunked(Chunked::DataEnd);
                     }
-                    return Ok(Decoded::Data(buf.split_to(n).freeze()));
+                    return Ok(Decoded::Data(data));
                 }
                 DecoderState::Chunked(Chunked::DataEnd) => {
                     if buf.len() < 2 {
@@ -232,6 +224,18 @@ impl Decoder {
             }
         }
     }
+}
+
+/// Up to `remaining` bytes off the front of `buf` (`None` when it is empty), counted off.
+fn take(buf: &mut BytesMut, remaining: &mut u64) -> Option<Bytes> {
+    if buf.is_empty() {
+        return None;
+    }
+    let n = usize::try_from(*remaining)
+        .unwrap_or(usize::MAX)
+        .min(buf.len());
+    *remaining -= n as u64;
+    Some(buf.split_to(n).freeze())
 }
 
 /// The end of the line at the front of `buf` (index of its CR), refusing bare LFs and lines

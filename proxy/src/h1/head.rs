@@ -111,6 +111,26 @@ fn header_map(fields: &[httparse::Header<'_>]) -> Result<HeaderMap, HeadError> {
     Ok(headers)
 }
 
+/// Field slots on the stack: enough for almost every head, so parsing one allocates only
+/// when it has more fields than this (and the limit allows more).
+const INLINE_FIELDS: usize = 32;
+
+/// Runs `parse` over field slots for at most `limits.max_headers` fields: on the stack, or
+/// (for a head with more fields than fit there) on the heap, parsed again.
+fn with_fields<'b, T>(
+    limits: HeadLimits,
+    mut parse: impl FnMut(&mut [httparse::Header<'b>]) -> Result<T, HeadError>,
+) -> Result<T, HeadError> {
+    let mut inline: [httparse::Header<'b>; INLINE_FIELDS] = [httparse::EMPTY_HEADER; INLINE_FIELDS];
+    let slots = limits.max_headers.min(INLINE_FIELDS);
+    match parse(&mut inline[..slots]) {
+        Err(HeadError::TooManyHeaders { .. }) if limits.max_headers > INLINE_FIELDS => {
+            parse(&mut vec![httparse::EMPTY_HEADER; limits.max_headers])
+        }
+        other => other,
+    }
+}
+
 fn parse_error(e: httparse::Error, limits: HeadLimits) -> HeadError {
     match e {
         httparse::Error::TooManyHeaders => HeadError::TooManyHeaders {
@@ -129,27 +149,28 @@ pub fn parse_request(
     let Some(end) = head_end(buf, limits)? else {
         return Ok(None);
     };
-    let mut fields = vec![httparse::EMPTY_HEADER; limits.max_headers];
-    let mut req = httparse::Request::new(&mut fields);
-    match req.parse(&buf[..end]) {
-        Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => {
-            return Err(HeadError::Malformed("incomplete request line".into()));
+    let head = with_fields(limits, |fields| {
+        let mut req = httparse::Request::new(fields);
+        match req.parse(&buf[..end]) {
+            Ok(httparse::Status::Complete(_)) => {}
+            Ok(httparse::Status::Partial) => {
+                return Err(HeadError::Malformed("incomplete request line".into()));
+            }
+            Err(e) => return Err(parse_error(e, limits)),
         }
-        Err(e) => return Err(parse_error(e, limits)),
-    }
-    let method = Method::from_bytes(req.method.unwrap_or_default().as_bytes())
-        .map_err(|_| HeadError::Malformed("invalid method".into()))?;
-    let target = Bytes::copy_from_slice(req.path.unwrap_or_default().as_bytes());
-    if target.is_empty() {
-        return Err(HeadError::Malformed("empty request target".into()));
-    }
-    let head = RequestHead {
-        method,
-        target,
-        version: version(req.version),
-        headers: header_map(req.headers)?,
-    };
+        let method = Method::from_bytes(req.method.unwrap_or_default().as_bytes())
+            .map_err(|_| HeadError::Malformed("invalid method".into()))?;
+        let target = Bytes::copy_from_slice(req.path.unwrap_or_default().as_bytes());
+        if target.is_empty() {
+            return Err(HeadError::Malformed("empty request target".into()));
+        }
+        Ok(RequestHead {
+            method,
+            target,
+            version: version(req.version),
+            headers: header_map(req.headers)?,
+        })
+    })?;
     buf.advance(end);
     Ok(Some(head))
 }
@@ -162,25 +183,26 @@ pub fn parse_response(
     let Some(end) = head_end(buf, limits)? else {
         return Ok(None);
     };
-    let mut fields = vec![httparse::EMPTY_HEADER; limits.max_headers];
-    let mut resp = httparse::Response::new(&mut fields);
-    match resp.parse(&buf[..end]) {
-        Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => {
-            return Err(HeadError::Malformed("incomplete status line".into()));
+    let head = with_fields(limits, |fields| {
+        let mut resp = httparse::Response::new(fields);
+        match resp.parse(&buf[..end]) {
+            Ok(httparse::Status::Complete(_)) => {}
+            Ok(httparse::Status::Partial) => {
+                return Err(HeadError::Malformed("incomplete status line".into()));
+            }
+            Err(e) => return Err(parse_error(e, limits)),
         }
-        Err(e) => return Err(parse_error(e, limits)),
-    }
-    let status = resp
-        .code
-        .and_then(|c| StatusCode::from_u16(c).ok())
-        .ok_or_else(|| HeadError::Malformed("invalid status code".into()))?;
-    let head = ResponseHead {
-        status,
-        reason: Bytes::copy_from_slice(resp.reason.unwrap_or_default().as_bytes()),
-        version: version(resp.version),
-        headers: header_map(resp.headers)?,
-    };
+        let status = resp
+            .code
+            .and_then(|c| StatusCode::from_u16(c).ok())
+            .ok_or_else(|| HeadError::Malformed("invalid status code".into()))?;
+        Ok(ResponseHead {
+            status,
+            reason: Bytes::copy_from_slice(resp.reason.unwrap_or_default().as_bytes()),
+            version: version(resp.version),
+            headers: header_map(resp.headers)?,
+        })
+    })?;
     buf.advance(end);
     Ok(Some(head))
 }
@@ -198,16 +220,17 @@ pub fn parse_trailers(
     let Some(end) = head_end(buf, limits)? else {
         return Ok(None);
     };
-    let mut fields = vec![httparse::EMPTY_HEADER; limits.max_headers];
-    match httparse::parse_headers(&buf[..end], &mut fields) {
-        Ok(httparse::Status::Complete((_, parsed))) => {
-            let map = header_map(parsed)?;
-            buf.advance(end);
-            Ok(Some(map))
+    let map = with_fields(limits, |fields| {
+        match httparse::parse_headers(&buf[..end], fields) {
+            Ok(httparse::Status::Complete((_, parsed))) => header_map(parsed),
+            Ok(httparse::Status::Partial) => {
+                Err(HeadError::Malformed("incomplete trailers".into()))
+            }
+            Err(e) => Err(parse_error(e, limits)),
         }
-        Ok(httparse::Status::Partial) => Err(HeadError::Malformed("incomplete trailers".into())),
-        Err(e) => Err(parse_error(e, limits)),
-    }
+    })?;
+    buf.advance(end);
+    Ok(Some(map))
 }
 
 #[cfg(test)]
@@ -258,6 +281,26 @@ mod tests {
             req(big.as_bytes()),
             Err(HeadError::TooLarge { limit: 256 })
         ));
+    }
+
+    #[test]
+    fn heads_with_more_fields_than_the_stack_holds_parse_within_the_limit() {
+        let limits = HeadLimits {
+            max_bytes: 8192,
+            max_headers: 100,
+        };
+        let fields: String = (0..90).map(|i| format!("x-{i}: {i}\r\n")).collect();
+        let raw = format!("GET / HTTP/1.1\r\nHost: a\r\n{fields}\r\n");
+        let head = parse_request(&mut BytesMut::from(raw.as_bytes()), limits)
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(head.headers.len(), 91);
+        let over: String = (0..100).map(|i| format!("x-{i}: {i}\r\n")).collect();
+        let raw = format!("GET / HTTP/1.1\r\nHost: a\r\n{over}\r\n");
+        assert_eq!(
+            parse_request(&mut BytesMut::from(raw.as_bytes()), limits).err(),
+            Some(HeadError::TooManyHeaders { limit: 100 })
+        );
     }
 
     #[test]

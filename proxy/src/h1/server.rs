@@ -84,6 +84,9 @@ where
     let (mut rd, mut wr) = tokio::io::split(io);
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let mut first = true;
+    // Interim answers of the request being handled; one channel for the connection's life,
+    // as its requests are handled one at a time.
+    let (interim_tx, mut interim_rx) = mpsc::channel(4);
     loop {
         let head = match read_head(&mut rd, &mut buf, &cfg, &mut drain, first).await {
             Ok(Some(head)) => head,
@@ -125,8 +128,7 @@ where
                 (rx.boxed_unsync(), Some(pump))
             }
         };
-        let (interim_tx, mut interim_rx) = mpsc::channel(4);
-        parts.extensions.insert(Interim(interim_tx));
+        parts.extensions.insert(Interim(interim_tx.clone()));
         let request = Request::from_parts(parts, body);
 
         // The handler runs while the request body streams in and interim answers go out.
@@ -162,7 +164,9 @@ where
                 }
             }
         };
-        drop(interim_rx);
+        // One sent after the final answer (a late retry, a dropped attempt) is not this
+        // connection's next request's.
+        while interim_rx.try_recv().is_ok() {}
 
         let keep_alive = keep_alive && !drain.is_draining();
         match respond_with(
