@@ -186,7 +186,10 @@ async fn lookup_user(mut client: UserServiceClient<Channel>, id: u64) -> Result<
                     USER_LOOKUP_TIMEOUT.as_secs()
                 ),
             ),
-            tonic::Code::Unavailable => error(
+            // A connection that breaks under a call in flight (user-service killed) comes
+            // back as `Unknown: transport error`: user-service is as unavailable as when the
+            // connect fails.
+            tonic::Code::Unavailable | tonic::Code::Unknown if unavailable(&status) => error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("user-service unavailable: {}", status.message()),
             ),
@@ -202,4 +205,10 @@ async fn lookup_user(mut client: UserServiceClient<Channel>, id: u64) -> Result<
             ),
         }),
     }
+}
+
+/// Whether a failed call means user-service could not be reached: `Unavailable`, or the
+/// transport failing under the call (tonic's `Unknown` with the message "transport error").
+fn unavailable(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable || status.message() == "transport error"
 }
