@@ -13,8 +13,8 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::app::Proxy;
-use crate::body::{self, Body};
 use crate::drain::Drain;
+use crate::proto::body::{self, Body};
 
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut drain: Drain) {
     loop {

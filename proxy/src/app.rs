@@ -10,13 +10,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 
-use crate::accept::{self, ListenerKind};
 use crate::config::{Args, Limits, Mode, Timeouts};
-use crate::endpoint::{PoolConfig, Registry};
-use crate::identity::{self, IdentityState};
-use crate::metrics::Metrics;
-use crate::snapshot::{CompileError, Snapshot};
-use crate::{admin, control, drain, reload};
+use crate::conn::accept::{self, ListenerKind};
+use crate::identity::workload::{self as identity, IdentityState};
+use crate::routing::snapshot::{CompileError, Snapshot};
+use crate::source::{control, file as reload};
+use crate::telemetry::metrics::Metrics;
+use crate::upstream::endpoint::{PoolConfig, Registry};
+use crate::{admin, drain};
 use sidemesh_config::MtlsMode;
 
 /// State shared by every connection and request.
@@ -34,7 +35,7 @@ pub struct Proxy {
     /// The workload certificate (control-plane mode with a credential).
     pub identity: IdentityState,
     /// Spans, while the config names a collector.
-    pub tracing: crate::trace::Tracing,
+    pub tracing: crate::telemetry::trace::Tracing,
     /// Application probes answered on the admin port (`/app-health/...`).
     pub app_probes: crate::config::AppProbes,
     /// Listeners are up.
@@ -73,7 +74,7 @@ pub enum StartError {
     #[error("routing config {path}: {source}")]
     Compile { path: PathBuf, source: CompileError },
     #[error("{0}")]
-    ControlPlane(#[from] crate::cp_channel::SetupError),
+    ControlPlane(#[from] crate::identity::channel::SetupError),
     #[error("failed to bind the {listener} listener on {addr}: {source}")]
     Bind {
         listener: String,
@@ -146,7 +147,7 @@ fn local_service(args: &Args) -> sidemesh_config::ServiceId {
 /// Where the workload certificate comes from: the control plane, with a credential.
 fn identity_source(
     args: &Args,
-    control_plane: Option<&crate::cp_channel::ControlPlane>,
+    control_plane: Option<&crate::identity::channel::ControlPlane>,
 ) -> Option<identity::Source> {
     let control_plane = control_plane?.clone();
     let credential = match (&args.join_token_file, &args.service_account_token_file) {
@@ -200,8 +201,10 @@ fn advertised_admin(
 }
 
 /// The control plane's connection settings, checked now so a bad flag fails at start.
-fn control_plane(args: &Args) -> Result<Option<crate::cp_channel::ControlPlane>, StartError> {
-    use crate::cp_channel::{Bundle, ControlPlane};
+fn control_plane(
+    args: &Args,
+) -> Result<Option<crate::identity::channel::ControlPlane>, StartError> {
+    use crate::identity::channel::{Bundle, ControlPlane};
     let Some(url) = &args.control_plane else {
         return Ok(None);
     };
@@ -313,7 +316,7 @@ pub async fn build(args: Args) -> Result<App, StartError> {
     let admin_addr = admin.local_addr().unwrap_or(args.admin);
 
     let span_counters = metrics.spans.clone();
-    let workload = crate::trace::Workload {
+    let workload = crate::telemetry::trace::Workload {
         service: local.name.clone(),
         namespace: local.namespace.clone(),
         pod: std::env::var("POD_NAME").unwrap_or_else(|_| proxy_id(&args)),
@@ -326,7 +329,7 @@ pub async fn build(args: Args) -> Result<App, StartError> {
             connect_timeout: args.timeouts.connect,
             idle_timeout: args.timeouts.idle,
             max_idle: args.limits.max_idle_per_endpoint,
-            response_limits: crate::h1::head::HeadLimits {
+            response_limits: crate::proto::h1::head::HeadLimits {
                 max_bytes: args.limits.max_response_header_bytes,
                 max_headers: args.limits.max_response_headers,
             },
@@ -337,7 +340,11 @@ pub async fn build(args: Args) -> Result<App, StartError> {
         registry,
         metrics,
         identity: IdentityState::new(identity_source),
-        tracing: crate::trace::Tracing::new(workload, args.otlp_endpoint.clone(), span_counters),
+        tracing: crate::telemetry::trace::Tracing::new(
+            workload,
+            args.otlp_endpoint.clone(),
+            span_counters,
+        ),
         app_probes: args.app_probes.clone(),
         ready: AtomicBool::new(false),
         config_applied: AtomicBool::new(applied),

@@ -24,32 +24,19 @@
 
 #![forbid(unsafe_code)]
 
-pub mod accept;
 pub mod admin;
 pub mod app;
-pub mod balance;
-pub mod body;
 pub mod config;
-pub mod control;
-pub mod cp_channel;
-pub mod detect;
+pub mod conn;
 pub mod drain;
-pub mod endpoint;
-pub mod forward;
-pub mod h1;
-pub mod headers;
 pub mod http;
 pub mod identity;
 pub mod init;
-pub mod metrics;
 pub mod pipeline;
-pub mod ratelimit;
-pub mod reload;
+pub mod proto;
 pub mod respond;
-pub mod retry;
-pub mod rewind;
-pub mod snapshot;
-pub mod tcp;
-pub mod timeout;
-pub mod tls;
-pub mod trace;
+pub mod routing;
+pub mod source;
+pub mod stages;
+pub mod telemetry;
+pub mod upstream;

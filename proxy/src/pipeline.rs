@@ -31,11 +31,11 @@ use http::Request;
 use tower::{Service, ServiceBuilder};
 
 use crate::app::Proxy;
-use crate::body::{Body, ResponseFuture};
-use crate::forward::Forward;
-use crate::ratelimit::{RateLimitLayer, RateLimitService};
-use crate::retry::{Retry, RetryLayer};
-use crate::timeout::{Timeout, TimeoutLayer};
+use crate::proto::body::{Body, ResponseFuture};
+use crate::stages::ratelimit::{RateLimitLayer, RateLimitService};
+use crate::stages::retry::{Retry, RetryLayer};
+use crate::stages::timeout::{Timeout, TimeoutLayer};
+use crate::upstream::forward::Forward;
 
 /// The request stages after routing, outermost first.
 ///

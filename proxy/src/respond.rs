@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
-use crate::body::{self, Body};
+use crate::proto::body::{self, Body};
 
 /// Which side of the proxy a failure came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +58,7 @@ pub enum ProxyError {
         reason: String,
     },
     #[error("{0}")]
-    ClientBody(crate::h1::ClientBodyError),
+    ClientBody(crate::proto::h1::ClientBodyError),
     #[error("request timed out after {after:?}")]
     Timeout { after: Duration },
     #[error("bad request: {why}")]
@@ -70,7 +70,7 @@ pub enum ProxyError {
         limit: String,
         rate: sidemesh_config::units::Rate,
         retry_after: Duration,
-        headers: Box<crate::ratelimit::RateHeaders>,
+        headers: Box<crate::stages::ratelimit::RateHeaders>,
     },
 }
 
@@ -88,7 +88,7 @@ impl ProxyError {
     /// An upstream exchange's failure, with a client-body fault found anywhere in its
     /// causes reported as the client's.
     pub fn upstream(endpoint: SocketAddr, error: &(dyn std::error::Error + 'static)) -> Self {
-        match crate::h1::ClientBodyError::find(error) {
+        match crate::proto::h1::ClientBodyError::find(error) {
             Some(fault) => ProxyError::ClientBody(fault.clone()),
             None => ProxyError::Upstream {
                 endpoint,
@@ -173,7 +173,7 @@ pub fn error_response(error: &ProxyError, grpc: bool) -> Response<Body> {
         let h = resp.headers_mut();
         h.insert(
             header::RETRY_AFTER,
-            HeaderValue::from(crate::ratelimit::ceil_secs(*retry_after)),
+            HeaderValue::from(crate::stages::ratelimit::ceil_secs(*retry_after)),
         );
         h.insert("ratelimit-policy", headers.policy.clone());
         h.insert("ratelimit", headers.state.clone());

@@ -14,13 +14,13 @@ use tokio::sync::Semaphore;
 
 use crate::app::Proxy;
 use crate::config::Mode;
-use crate::detect::{self, DetectError, DetectLimits, Protocol};
+use crate::conn::detect::{self, DetectError, DetectLimits, Protocol};
 use crate::drain::Drain;
 use crate::http::{ConnInfo, Target};
-use crate::metrics::Direction;
+use crate::identity::tls::{self, Carried};
+use crate::proto::rewind::Rewind;
 use crate::respond;
-use crate::rewind::Rewind;
-use crate::tls::{self, Carried};
+use crate::telemetry::metrics::Direction;
 
 /// What a listener is for.
 #[derive(Debug, Clone)]
@@ -323,7 +323,7 @@ where
             return;
         }
     };
-    if let Err(e) = crate::tcp::splice(client, server).await {
+    if let Err(e) = crate::conn::tcp::splice(client, server).await {
         tracing::debug!(upstream = %endpoint.addr, error = %e, "opaque connection ended with an error");
     }
 }

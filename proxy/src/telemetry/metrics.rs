@@ -106,7 +106,7 @@ pub struct Metrics {
     inbound_clients: Family<ClientLabels, Counter>,
     denied: Counter,
     grpc_errors: Family<RouteLatencyLabels, Counter>,
-    pub spans: crate::trace::Counters,
+    pub spans: crate::telemetry::trace::Counters,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -265,7 +265,7 @@ impl Metrics {
                 reason: "export-failed",
             })
             .clone();
-        let spans = crate::trace::Counters {
+        let spans = crate::telemetry::trace::Counters {
             exported: spans_exported,
             dropped_queue_full,
             dropped_export_failed,

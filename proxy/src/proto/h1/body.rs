@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 
 use super::head::{self, HeadLimits};
-use crate::body::BoxError;
+use crate::proto::body::BoxError;
 
 /// How a message's body is framed on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -302,18 +302,18 @@ pub struct RateLimitService<S> {
     inner: S,
 }
 
-impl<S> tower::Service<http::Request<crate::body::Body>> for RateLimitService<S>
+impl<S> tower::Service<http::Request<crate::proto::body::Body>> for RateLimitService<S>
 where
     S: tower::Service<
-            http::Request<crate::body::Body>,
-            Response = http::Response<crate::body::Body>,
+            http::Request<crate::proto::body::Body>,
+            Response = http::Response<crate::proto::body::Body>,
             Error = crate::respond::ProxyError,
-            Future = crate::body::ResponseFuture,
+            Future = crate::proto::body::ResponseFuture,
         >,
 {
-    type Response = http::Response<crate::body::Body>;
+    type Response = http::Response<crate::proto::body::Body>;
     type Error = crate::respond::ProxyError;
-    type Future = crate::body::ResponseFuture;
+    type Future = crate::proto::body::ResponseFuture;
 
     fn poll_ready(
         &mut self,
@@ -322,9 +322,12 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<crate::body::Body>) -> Self::Future {
-        let limiter = match req.extensions().get::<crate::forward::Destination>() {
-            Some(crate::forward::Destination::Route(route)) => route.limiter.clone(),
+    fn call(&mut self, req: http::Request<crate::proto::body::Body>) -> Self::Future {
+        let limiter = match req
+            .extensions()
+            .get::<crate::upstream::forward::Destination>()
+        {
+            Some(crate::upstream::forward::Destination::Route(route)) => route.limiter.clone(),
             _ => req.extensions().get::<InboundLimit>().map(|l| l.0.clone()),
         };
         let Some(limiter) = limiter else {

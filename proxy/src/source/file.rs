@@ -10,7 +10,7 @@ use sidemesh_config::Source;
 
 use crate::app::Proxy;
 use crate::drain::Drain;
-use crate::snapshot::Snapshot;
+use crate::routing::snapshot::Snapshot;
 
 /// A fingerprint of the files' names and contents.
 pub fn fingerprint(sources: &[Source]) -> u64 {

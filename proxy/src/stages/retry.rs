@@ -19,9 +19,9 @@ use prometheus_client::metrics::counter::Counter;
 use sidemesh_config::{GrpcCode, RetryOn, RetryPolicy};
 use tower::Service;
 
-use crate::body::{self, Body, BoxError, ResponseFuture};
-use crate::forward::Destination;
+use crate::proto::body::{self, Body, BoxError, ResponseFuture};
 use crate::respond::ProxyError;
+use crate::upstream::forward::Destination;
 
 /// Sent upstream with each attempt's number (1, 2, ...).
 pub const ATTEMPT_HEADER: &str = "x-sidemesh-attempt";
@@ -200,7 +200,7 @@ where
     state.budget.record_request();
     let policy = &state.policy;
     // An upgrade's connection handle lives in this request's extensions: it is never replayed.
-    let upgrade = crate::headers::is_upgrade(req.headers());
+    let upgrade = crate::proto::headers::is_upgrade(req.headers());
     if upgrade || !(policy.non_idempotent || idempotent(req.method())) || policy.attempts <= 1 {
         return inner.call(req).await;
     }
@@ -209,8 +209,10 @@ where
     // from the proxy (it would otherwise wait for an upstream that has not seen the request).
     if expects_continue(&parts.headers) && !body.is_end_stream() {
         parts.headers.remove(http::header::EXPECT);
-        if let Some(crate::h1::Interim(tx)) = parts.extensions.get::<crate::h1::Interim>() {
-            let _ = tx.try_send(crate::h1::InterimResponse {
+        if let Some(crate::proto::h1::Interim(tx)) =
+            parts.extensions.get::<crate::proto::h1::Interim>()
+        {
+            let _ = tx.try_send(crate::proto::h1::InterimResponse {
                 status: http::StatusCode::CONTINUE,
                 headers: http::HeaderMap::new(),
             });
@@ -226,7 +228,7 @@ where
     };
     let traced = parts
         .extensions
-        .get::<crate::trace::AttemptParent>()
+        .get::<crate::telemetry::trace::AttemptParent>()
         .cloned();
     for attempt in 1..=policy.attempts {
         let mut req = Request::new(body::full(replay.clone()));
@@ -343,7 +345,7 @@ async fn buffer(mut body: Body, limit: usize) -> Result<Result<Bytes, Body>, Pro
         match body.frame().await {
             None => return Ok(Ok(kept.freeze())),
             Some(Err(e)) => {
-                return Err(match crate::h1::ClientBodyError::find(&*e) {
+                return Err(match crate::proto::h1::ClientBodyError::find(&*e) {
                     Some(fault) => ProxyError::ClientBody(fault.clone()),
                     None => ProxyError::BadRequest {
                         why: format!("request body: {e}"),

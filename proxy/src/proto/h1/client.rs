@@ -14,8 +14,8 @@ use tokio::sync::oneshot;
 use super::body::{self as h1body, ClientBodyError, Decoder, Framing, Pump};
 use super::head::{self, HeadError, HeadLimits, ResponseHead};
 use super::{Interim, InterimResponse, Io, OnUpgrade, RawTarget, Reason};
-use crate::body::{Body, BoxError};
-use crate::rewind::Rewind;
+use crate::proto::body::{Body, BoxError};
+use crate::proto::rewind::Rewind;
 
 /// An upstream connection with the bytes already read from it.
 pub struct Conn {
@@ -146,7 +146,7 @@ async fn exchange(
         _ => Framing::Chunked,
     };
     let expects_upgrade =
-        crate::headers::is_upgrade(&parts.headers) || parts.method == Method::CONNECT;
+        crate::proto::headers::is_upgrade(&parts.headers) || parts.method == Method::CONNECT;
     let interim = parts.extensions.get::<Interim>().cloned();
     let method = parts.method.clone();
     let sent_version = parts.version;
@@ -250,7 +250,7 @@ async fn exchange(
         response.extensions_mut().insert(OnUpgrade::new(rx));
         let (parts, ()) = response.into_parts();
         if reply
-            .send(Ok(Response::from_parts(parts, crate::body::empty())))
+            .send(Ok(Response::from_parts(parts, crate::proto::body::empty())))
             .is_err()
         {
             return;
@@ -261,7 +261,7 @@ async fn exchange(
     }
 
     let (resp_body, mut pump) = match framing_in {
-        Framing::Empty | Framing::Length(0) => (crate::body::empty(), None),
+        Framing::Empty | Framing::Length(0) => (crate::proto::body::empty(), None),
         f => {
             let (tx, rx) = h1body::channel(f);
             let pump = Pump::new(Decoder::new(f, cfg.limits), Some(tx), None, false);

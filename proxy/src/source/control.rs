@@ -17,14 +17,14 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::app::Proxy;
 use crate::drain::Drain;
-use crate::snapshot::Snapshot;
+use crate::routing::snapshot::Snapshot;
 
 const SNAPSHOT_FILE: &str = "last-snapshot.json";
 
 /// Who this proxy is, for its Hello.
 #[derive(Debug, Clone)]
 pub struct Identity {
-    pub control_plane: crate::cp_channel::ControlPlane,
+    pub control_plane: crate::identity::channel::ControlPlane,
     pub proxy_id: String,
     pub service: String,
     pub namespace: String,
@@ -57,7 +57,7 @@ fn meshed(snapshot: &v1::Snapshot) -> Vec<(std::net::SocketAddr, String)> {
         .collect()
 }
 
-fn meshed_map(list: &[(std::net::SocketAddr, String)]) -> crate::snapshot::Meshed {
+fn meshed_map(list: &[(std::net::SocketAddr, String)]) -> crate::routing::snapshot::Meshed {
     list.iter()
         .map(|(addr, id)| (*addr, Arc::from(id.as_str())))
         .collect()
@@ -66,8 +66,8 @@ fn meshed_map(list: &[(std::net::SocketAddr, String)]) -> crate::snapshot::Meshe
 #[derive(Debug, thiserror::Error)]
 enum StreamError {
     #[error("cannot connect: {0}")]
-    Connect(#[from] crate::cp_channel::ConnectError),
-    #[error("stream failed: {}", crate::cp_channel::error_chain(.0))]
+    Connect(#[from] crate::identity::channel::ConnectError),
+    #[error("stream failed: {}", crate::identity::channel::error_chain(.0))]
     Status(#[from] tonic::Status),
     #[error("the control plane closed the stream")]
     Closed,
@@ -77,8 +77,8 @@ enum StreamError {
 pub fn load_stored(
     dir: &Path,
     service: &str,
-    proxy: &crate::endpoint::Registry,
-    metrics: &crate::metrics::Metrics,
+    proxy: &crate::upstream::endpoint::Registry,
+    metrics: &crate::telemetry::metrics::Metrics,
 ) -> Option<(Snapshot, String)> {
     let path = dir.join(SNAPSHOT_FILE);
     let text = std::fs::read_to_string(&path).ok()?;

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use body::{ClientBodyError, Framing};
 
-use crate::rewind::Rewind;
+use crate::proto::rewind::Rewind;
 
 /// The request target exactly as the client sent it; the upstream gets these bytes.
 #[derive(Debug, Clone)]

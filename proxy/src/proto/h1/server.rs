@@ -20,10 +20,10 @@ use tokio::sync::mpsc;
 use super::body::{self as h1body, ClientBodyError, Decoder, Framing, Pump};
 use super::head::{self, HeadError, HeadLimits, RequestHead};
 use super::{Interim, InterimResponse, Io, OnUpgrade, RawTarget, Reason, TargetForm};
-use crate::body::{self, Body};
 use crate::drain::Drain;
+use crate::proto::body::{self, Body};
+use crate::proto::rewind::Rewind;
 use crate::respond;
-use crate::rewind::Rewind;
 
 /// The bounds of one client connection.
 #[derive(Debug, Clone, Copy)]

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use crate::app::Proxy;
 use crate::drain::Drain;
-use crate::tls;
+use crate::identity::tls;
 
 /// Renew when this share of the lifetime has passed.
 const RENEW_AT: f64 = 0.7;
@@ -36,7 +36,7 @@ pub enum CredentialSource {
 /// Where and as whom to ask for certificates.
 #[derive(Debug, Clone)]
 pub struct Source {
-    pub control_plane: crate::cp_channel::ControlPlane,
+    pub control_plane: crate::identity::channel::ControlPlane,
     /// Where the certificate is kept between runs (the proxy's `--state-dir`).
     pub state_dir: Option<PathBuf>,
     pub namespace: String,
@@ -54,7 +54,7 @@ pub enum CertifyError {
     #[error("cannot make a key or signing request: {0}")]
     Key(#[from] rcgen::Error),
     #[error("cannot reach the control plane: {0}")]
-    Connect(#[from] crate::cp_channel::ConnectError),
+    Connect(#[from] crate::identity::channel::ConnectError),
     #[error("the control plane refused: {}", .0.message())]
     Refused(#[from] tonic::Status),
     #[error("the issued certificate is not usable: {0}")]

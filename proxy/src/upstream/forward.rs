@@ -12,12 +12,12 @@ use sidemesh_config::MtlsMode;
 use tower::Service;
 
 use crate::app::Proxy;
-use crate::balance::PickError;
-use crate::body::{Body, Guarded, ResponseFuture};
-use crate::endpoint::{Endpoint, Outcome};
-use crate::headers;
+use crate::proto::body::{Body, Guarded, ResponseFuture};
+use crate::proto::headers;
 use crate::respond::ProxyError;
-use crate::snapshot::RouteEntry;
+use crate::routing::snapshot::RouteEntry;
+use crate::upstream::balance::PickError;
+use crate::upstream::endpoint::{Endpoint, Outcome};
 
 /// The endpoint that answered, in the response's extensions (for spans).
 #[derive(Debug, Clone, Copy)]
@@ -143,7 +143,7 @@ async fn forward(proxy: Arc<Proxy>, mut req: Request<Body>) -> Result<Response<B
     let bodiless =
         head || parts.status == StatusCode::NO_CONTENT || parts.status == StatusCode::NOT_MODIFIED;
     let incoming = if bodiless {
-        crate::body::empty()
+        crate::proto::body::empty()
     } else {
         incoming
     };

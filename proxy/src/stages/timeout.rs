@@ -8,9 +8,9 @@ use std::time::Duration;
 use http::{Request, Response};
 use tower::{Layer, Service};
 
-use crate::body::{Body, ResponseFuture};
-use crate::forward::Destination;
+use crate::proto::body::{Body, ResponseFuture};
 use crate::respond::ProxyError;
+use crate::upstream::forward::Destination;
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct TimeoutLayer;

@@ -17,11 +17,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::TcpStream;
 
-use crate::body::Body;
-use crate::h1;
-use crate::identity::Credentials;
+use crate::identity::tls::{Carried, MaybeTls};
+use crate::identity::workload::Credentials;
+use crate::proto::body::Body;
+use crate::proto::h1;
 use crate::respond::ProxyError;
-use crate::tls::{Carried, MaybeTls};
 
 /// When consecutive failures eject an endpoint, and for how long.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -38,7 +38,7 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
     pub max_idle: usize,
     /// Bounds on upstream HTTP/1 response heads.
-    pub response_limits: crate::h1::head::HeadLimits,
+    pub response_limits: crate::proto::h1::head::HeadLimits,
 }
 
 #[derive(Debug)]
@@ -193,7 +193,7 @@ impl Endpoint {
         let (Some(credentials), Some(expected)) = (tls, &self.identity) else {
             return Ok(TokioIo::new(MaybeTls::Plain(stream)));
         };
-        match crate::tls::connect(
+        match crate::identity::tls::connect(
             &credentials.tls,
             stream,
             self.addr.ip(),
@@ -342,7 +342,7 @@ impl Endpoint {
             .send_request(req)
             .await
             .map_err(|e| ProxyError::upstream(self.addr, &e))?;
-        Ok(resp.map(crate::body::incoming))
+        Ok(resp.map(crate::proto::body::incoming))
     }
 
     /// A dedicated HTTP/1.1 connection for an upgrade (WebSocket) or a `CONNECT` tunnel:
@@ -365,7 +365,7 @@ impl Endpoint {
 
 /// A copy of a request that has no body, to send it again.
 fn without_body(req: &Request<Body>) -> Request<Body> {
-    let mut copy = Request::new(crate::body::empty());
+    let mut copy = Request::new(crate::proto::body::empty());
     *copy.method_mut() = req.method().clone();
     *copy.uri_mut() = req.uri().clone();
     *copy.version_mut() = req.version();
@@ -401,7 +401,7 @@ pub struct Registry {
     pinned: Mutex<HashMap<EndpointKey, Arc<Endpoint>>>,
     /// Rate limiters by scope and settings: a reload that keeps a limit keeps its buckets
     /// (a fresh limiter would hand every client a new burst).
-    limiters: Mutex<HashMap<String, Weak<crate::ratelimit::Limiter>>>,
+    limiters: Mutex<HashMap<String, Weak<crate::stages::ratelimit::Limiter>>>,
 }
 
 /// Most pinned direct destinations; beyond it the least useful (idle) ones are let go.
@@ -429,7 +429,7 @@ impl Registry {
         name: &str,
         spec: &sidemesh_config::RateLimit,
         limited: prometheus_client::metrics::counter::Counter,
-    ) -> Arc<crate::ratelimit::Limiter> {
+    ) -> Arc<crate::stages::ratelimit::Limiter> {
         let key = format!(
             "{scope}|{}",
             serde_json::to_string(spec).unwrap_or_default()
@@ -439,7 +439,7 @@ impl Registry {
             return l;
         }
         map.retain(|_, weak| weak.strong_count() > 0);
-        let limiter = Arc::new(crate::ratelimit::Limiter::new(name, spec, limited));
+        let limiter = Arc::new(crate::stages::ratelimit::Limiter::new(name, spec, limited));
         map.insert(key, Arc::downgrade(&limiter));
         limiter
     }

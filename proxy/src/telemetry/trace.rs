@@ -34,7 +34,7 @@ use prometheus_client::metrics::counter::Counter;
 use sidemesh_config::OtlpProtocol;
 use tokio::sync::mpsc;
 
-use crate::metrics::Direction;
+use crate::telemetry::metrics::Direction;
 
 /// Spans waiting for export; beyond this they are dropped (and counted).
 const QUEUE: usize = 4096;

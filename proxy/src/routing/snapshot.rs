@@ -8,11 +8,11 @@ use std::sync::Arc;
 use serde::Serialize;
 use sidemesh_config::{Mesh, PathMatch, Protocol, Route, RouteMatch, ServiceId};
 
-use crate::balance::Balancer;
-use crate::endpoint::{OutlierPolicy, Registry};
-use crate::metrics::{Direction, Metrics, RouteMetrics};
-use crate::ratelimit::Limiter;
-use crate::retry::RetryState;
+use crate::stages::ratelimit::Limiter;
+use crate::stages::retry::RetryState;
+use crate::telemetry::metrics::{Direction, Metrics, RouteMetrics};
+use crate::upstream::balance::Balancer;
+use crate::upstream::endpoint::{OutlierPolicy, Registry};
 
 /// Endpoints that are meshed proxies, with the SPIFFE ID each must present.
 pub type Meshed = HashMap<std::net::SocketAddr, Arc<str>>;

@@ -13,15 +13,15 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::app::Proxy;
-use crate::body::{self, Body};
-use crate::detect::Protocol;
+use crate::conn::detect::Protocol;
 use crate::drain::Drain;
-use crate::forward::Destination;
-use crate::headers;
-use crate::metrics::{Direction, RouteMetrics};
 use crate::pipeline;
+use crate::proto::body::{self, Body};
+use crate::proto::headers;
 use crate::respond::{self, ProxyError};
-use crate::snapshot::{RequestView, Snapshot};
+use crate::routing::snapshot::{RequestView, Snapshot};
+use crate::telemetry::metrics::{Direction, RouteMetrics};
+use crate::upstream::forward::Destination;
 
 /// What the connection stages learned about a connection, for every request on it.
 #[derive(Debug, Clone)]
@@ -123,8 +123,8 @@ pub async fn serve<I>(
             }
         }
         _ => {
-            let cfg = crate::h1::server::Config {
-                limits: crate::h1::head::HeadLimits {
+            let cfg = crate::proto::h1::server::Config {
+                limits: crate::proto::h1::head::HeadLimits {
                     max_bytes: proxy.limits.max_header_bytes,
                     max_headers: proxy.limits.max_headers,
                 },
@@ -132,7 +132,7 @@ pub async fn serve<I>(
                 keepalive_timeout: proxy.timeouts.keepalive,
                 body_timeout: proxy.timeouts.body,
             };
-            crate::h1::server::serve(
+            crate::proto::h1::server::serve(
                 io,
                 cfg,
                 drain,
@@ -192,8 +192,10 @@ fn admit_h2(proxy: &Proxy, parts: &http::request::Parts) -> Result<(), ProxyErro
         }
     }
     if let Some(authority) = headers::authority(parts) {
-        crate::h1::valid_authority(authority, false).map_err(|why| ProxyError::BadRequest {
-            why: format!("invalid authority: {why}"),
+        crate::proto::h1::valid_authority(authority, false).map_err(|why| {
+            ProxyError::BadRequest {
+                why: format!("invalid authority: {why}"),
+            }
         })?;
     }
     Ok(())
@@ -220,7 +222,7 @@ async fn handle(proxy: Arc<Proxy>, conn: Arc<ConnInfo>, req: Request<Body>) -> R
     headers::strip_hop_by_hop(&mut parts.headers);
     // The attempt number is the calling proxy's to set: from anyone else it is removed.
     if conn.direction == Direction::Outbound || conn.peer_identity.is_none() {
-        parts.headers.remove(crate::retry::ATTEMPT_HEADER);
+        parts.headers.remove(crate::stages::retry::ATTEMPT_HEADER);
     }
     let span = start_span(&proxy, &snapshot, &conn, &parts, &destination);
     if conn.direction == Direction::Inbound {
@@ -266,7 +268,7 @@ async fn handle(proxy: Arc<Proxy>, conn: Arc<ConnInfo>, req: Request<Body>) -> R
     parts.extensions.insert(destination);
     parts
         .extensions
-        .insert(crate::ratelimit::ClientAddr(conn.client));
+        .insert(crate::stages::ratelimit::ClientAddr(conn.client));
     if conn.direction == Direction::Inbound {
         if let Some(limiter) = snapshot
             .local_service()
@@ -274,7 +276,7 @@ async fn handle(proxy: Arc<Proxy>, conn: Arc<ConnInfo>, req: Request<Body>) -> R
         {
             parts
                 .extensions
-                .insert(crate::ratelimit::InboundLimit(limiter));
+                .insert(crate::stages::ratelimit::InboundLimit(limiter));
         }
     }
     let req = Request::from_parts(parts, incoming);
@@ -309,7 +311,7 @@ async fn handle(proxy: Arc<Proxy>, conn: Arc<ConnInfo>, req: Request<Body>) -> R
     if let Some(span) = span {
         let endpoint = resp
             .extensions()
-            .get::<crate::forward::UpstreamEndpoint>()
+            .get::<crate::upstream::forward::UpstreamEndpoint>()
             .map(|e| e.0);
         span.finish(resp.status(), endpoint);
     }
@@ -320,7 +322,7 @@ async fn handle(proxy: Arc<Proxy>, conn: Arc<ConnInfo>, req: Request<Body>) -> R
 /// server's side (a `grpc-status` in the headers, as in every trailers-only error answer),
 /// a gRPC error.
 fn record(
-    metrics: &crate::metrics::RouteMetrics,
+    metrics: &crate::telemetry::metrics::RouteMetrics,
     direction: Direction,
     grpc: bool,
     resp: &Response<Body>,
@@ -352,7 +354,7 @@ fn start_span(
     conn: &ConnInfo,
     parts: &http::request::Parts,
     destination: &Destination,
-) -> Option<crate::trace::RequestSpan> {
+) -> Option<crate::telemetry::trace::RequestSpan> {
     if !proxy.tracing.is_on() {
         return None;
     }
@@ -376,17 +378,19 @@ fn start_span(
         }
         Destination::Direct(_) => None,
     };
-    proxy.tracing.start_request(crate::trace::RequestStart {
-        direction: conn.direction,
-        method: parts.method.as_str(),
-        path: parts.uri.path(),
-        host,
-        peer: conn.client.ip(),
-        route: route.map_or("passthrough", |r| &*r.name),
-        route_template: route.and_then(|r| r.template.as_deref()),
-        peer_identity: conn.peer_identity.as_deref(),
-        headers: &parts.headers,
-    })
+    proxy
+        .tracing
+        .start_request(crate::telemetry::trace::RequestStart {
+            direction: conn.direction,
+            method: parts.method.as_str(),
+            path: parts.uri.path(),
+            host,
+            peer: conn.client.ip(),
+            route: route.map_or("passthrough", |r| &*r.name),
+            route_template: route.and_then(|r| r.template.as_deref()),
+            peer_identity: conn.peer_identity.as_deref(),
+            headers: &parts.headers,
+        })
 }
 
 /// Inbound authorization: the local service's policy, if it has one, decides; without one any

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use sidemesh_config::LoadBalancer;
 
-use crate::endpoint::{Endpoint, OutlierPolicy};
+use crate::upstream::endpoint::{Endpoint, OutlierPolicy};
 
 /// Virtual nodes per endpoint on the hash ring: enough for an even spread, few enough to
 /// rebuild cheaply on every config change.
@@ -150,7 +150,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::endpoint::{Outcome, Registry};
+    use crate::upstream::endpoint::{Outcome, Registry};
 
     fn policy() -> OutlierPolicy {
         OutlierPolicy {

@@ -1,0 +1,4 @@
+//! Telemetry: Prometheus metrics and OpenTelemetry spans.
+
+pub mod metrics;
+pub mod trace;

@@ -1,0 +1,6 @@
+//! Upstream: balancing, endpoints with their outlier state, pooled connections, connecting
+//! with mutual TLS, and sending a request.
+
+pub mod balance;
+pub mod endpoint;
+pub mod forward;
