@@ -60,53 +60,7 @@ pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut drain: Drain) {
     }
 }
 
-/// An application container's probe, rewritten by `sidemesh inject` to come here: the
-/// kubelet's plaintext probe to the application's port would be refused by a strict-mTLS
-/// inbound listener (HTTP, HTTPS, gRPC), or always succeed against the proxy itself (TCP), so
-/// the proxy makes it on the kubelet's behalf, over loopback, the way the kubelet would.
-#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct AppProbe {
-    pub port: u16,
-    /// `http` (the default), `https` (certificate not checked, as the kubelet does not),
-    /// `tcp` (a connection is enough) or `grpc` (grpc.health.v1 `Check`).
-    #[serde(default, skip_serializing_if = "ProbeKind::is_http")]
-    pub kind: ProbeKind,
-    #[serde(default = "root_path")]
-    pub path: String,
-    /// Extra request headers (`httpGet.httpHeaders`).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub headers: Vec<ProbeHeader>,
-    /// The gRPC health service name (`grpc.service`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub service: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, Default, serde::Deserialize, serde::Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum ProbeKind {
-    #[default]
-    Http,
-    Https,
-    Tcp,
-    Grpc,
-}
-
-impl ProbeKind {
-    fn is_http(&self) -> bool {
-        *self == ProbeKind::Http
-    }
-}
-
-#[derive(Debug, Clone, serde::Deserialize, serde::Serialize, PartialEq, Eq)]
-pub struct ProbeHeader {
-    pub name: String,
-    pub value: String,
-}
-
-fn root_path() -> String {
-    "/".into()
-}
+pub use crate::config::{AppProbe, ProbeHeader, ProbeKind};
 
 /// How long one probe of the application may take (the kubelet's own timeout is usually
 /// shorter and answers for it).

@@ -10,57 +10,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 
-use crate::config::{Args, Limits, Mode, Timeouts};
+use crate::config::{Args, Mode};
 use crate::conn::accept::{self, ListenerKind};
 use crate::identity::workload::{self as identity, IdentityState};
-use crate::routing::snapshot::{CompileError, Snapshot};
+use crate::routing::snapshot::{CompileError, Snapshot, Stores};
 use crate::source::{control, file as reload};
+use crate::stages::ratelimit::Limiters;
+pub use crate::state::Proxy;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::endpoint::{PoolConfig, Registry};
 use crate::{admin, drain};
-use sidemesh_config::MtlsMode;
-
-/// State shared by every connection and request.
-#[derive(Debug)]
-pub struct Proxy {
-    pub service: String,
-    pub mode: Mode,
-    pub app: Option<SocketAddr>,
-    pub limits: Limits,
-    pub timeouts: Timeouts,
-    pub pool: PoolConfig,
-    pub snapshot: ArcSwap<Snapshot>,
-    pub registry: Registry,
-    pub metrics: Metrics,
-    /// The workload certificate (control-plane mode with a credential).
-    pub identity: IdentityState,
-    /// Spans, while the config names a collector.
-    pub tracing: crate::telemetry::trace::Tracing,
-    /// Application probes answered on the admin port (`/app-health/...`).
-    pub app_probes: crate::config::AppProbes,
-    /// Listeners are up.
-    pub ready: AtomicBool,
-    /// A config (static file, pushed, or stored) is in force.
-    pub config_applied: AtomicBool,
-    /// Set by `POST /shutdown` on the admin port: stop as on SIGTERM.
-    pub shutdown: tokio::sync::watch::Sender<bool>,
-}
-
-impl Proxy {
-    /// The mTLS mode in force. A proxy without an identity source (a static config, or no
-    /// credential) cannot do mTLS: for it the mode is `disabled`.
-    pub fn mtls(&self) -> MtlsMode {
-        if self.identity.source.is_none() {
-            return MtlsMode::Disabled;
-        }
-        self.snapshot.load().mesh.settings.mtls
-    }
-
-    /// Serving: listeners up, a config in force, and a certificate when one is needed.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && self.identity.ready()
-    }
-}
 
 /// Why a proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -227,10 +186,16 @@ fn control_plane(
 
 pub async fn build(args: Args) -> Result<App, StartError> {
     let registry = Registry::default();
+    let limiters = Limiters::default();
     let control_plane = control_plane(&args)?;
     let identity_source = identity_source(&args, control_plane.as_ref());
     let metrics = Metrics::new();
     let local = local_service(&args);
+    let stores = Stores {
+        registry: &registry,
+        limiters: &limiters,
+        metrics: &metrics,
+    };
     let (snapshot, source, applied) = match (&args.config, control_plane) {
         (Some(path), _) => {
             let config_err = |source| StartError::Config {
@@ -239,12 +204,13 @@ pub async fn build(args: Args) -> Result<App, StartError> {
             };
             let sources = sidemesh_config::read_sources(path).map_err(config_err)?;
             let mesh = sidemesh_config::validate(&sources).map_err(|d| config_err(d.into()))?;
-            let snapshot = Snapshot::compile(mesh, 1, &args.service, &registry, &metrics).map_err(
-                |source| StartError::Compile {
-                    path: path.clone(),
-                    source,
-                },
-            )?;
+            let snapshot =
+                Snapshot::compile(mesh, 1, &args.service, &stores).map_err(|source| {
+                    StartError::Compile {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
             metrics.reload(true, 1);
             let fingerprint = reload::fingerprint(&sources);
             (
@@ -260,7 +226,7 @@ pub async fn build(args: Args) -> Result<App, StartError> {
             let stored = args
                 .state_dir
                 .as_deref()
-                .and_then(|dir| control::load_stored(dir, &args.service, &registry, &metrics));
+                .and_then(|dir| control::load_stored(dir, &args.service, &stores));
             let (snapshot, hash, applied) = match stored {
                 Some((snapshot, hash)) => (snapshot, hash, true),
                 None => (Snapshot::empty(local.clone()), String::new(), false),
@@ -338,6 +304,7 @@ pub async fn build(args: Args) -> Result<App, StartError> {
         timeouts: args.timeouts,
         snapshot: ArcSwap::from_pointee(snapshot),
         registry,
+        limiters,
         metrics,
         identity: IdentityState::new(identity_source),
         tracing: crate::telemetry::trace::Tracing::new(

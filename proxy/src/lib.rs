@@ -38,5 +38,6 @@ pub mod respond;
 pub mod routing;
 pub mod source;
 pub mod stages;
+pub mod state;
 pub mod telemetry;
 pub mod upstream;

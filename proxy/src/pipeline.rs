@@ -1,62 +1,130 @@
-//! The proxy's data path, in order. Connection stages are plain async functions; request
-//! stages are tower layers around the final `Forward` service.
+//! The proxy's data path, in order, with why each stage is where it is. Every stage is a
+//! plain function (async where it waits) over the request's typed context; this file is the
+//! only place that calls them in sequence.
 //!
 //! ```text
-//! per connection (accept.rs)
+//! per connection (conn/accept.rs)
 //!  1. accept     a listener per direction (and per upstream in explicit mode); transparent
 //!                mode reads the original destination (SO_ORIGINAL_DST), so the proxy knows
 //!                where the application meant to go
-//!  2. detect     HTTP/1, HTTP/2, TLS or opaque, within a timeout (detect.rs): each needs a
-//!                different server, and opaque bytes must pass untouched (tcp.rs)
-//!  3. serve      hyper, with bounded header size, header count and streams (http.rs)
+//!  2. detect     HTTP/1, HTTP/2, TLS or opaque, within a timeout (proto/detect.rs): each
+//!                needs a different server, and opaque bytes must pass untouched (conn/tcp.rs)
+//!  3. serve      HTTP/1 (proto/h1) or HTTP/2 (hyper), with bounded heads and streams
+//!                (http/serve.rs)
 //!
-//! per request (http.rs, then `stack` below)
-//!  4. route      host -> service -> route -> destination, once, into the request's
-//!                extensions (snapshot.rs); an unknown service is a 404 from the proxy
+//! per request (http/handler.rs, then `run` below)
+//!  4. route      host -> service -> route -> destination, once, into the context
+//!                (routing/); an unknown service is a 404 from the proxy
+//!     authorize  inbound: the local service's policy decides on the caller's identity
+//!                (stages/authorize.rs), before the request costs anything
 //!  5. limit      token buckets per route (caller side) and per service (inbound): a 429
-//!                with Retry-After before any upstream work is spent (ratelimit.rs)
+//!                with Retry-After before any upstream work is spent (stages/ratelimit.rs)
 //!  6. timeout    the route's deadline over all attempts, so a slow upstream is a 504, not
-//!                a hang (timeout.rs)
+//!                a hang (stages/timeout.rs)
 //!  7. retry      retriable failures sent again within the route's budget, each attempt
-//!                under the per-try timeout (retry.rs)
-//!  8. forward    weighted backend, balanced endpoint, pooled connection; outcomes feed
-//!                outlier detection (forward.rs, balance.rs, endpoint.rs)
+//!                under the per-try timeout (stages/retry.rs)
+//!  8. forward    weighted backend, balanced endpoint, mutual TLS to meshed peers, pooled
+//!                (or multiplexed) connection; outcomes feed outlier detection (upstream/)
 //! ```
 //!
 //! Errors from any stage become a response in one place (`respond.rs`).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::Request;
-use tower::{Service, ServiceBuilder};
+use http::{Request, Response};
+use sidemesh_config::MtlsMode;
 
-use crate::app::Proxy;
-use crate::proto::body::{Body, ResponseFuture};
-use crate::stages::ratelimit::{RateLimitLayer, RateLimitService};
-use crate::stages::retry::{Retry, RetryLayer};
-use crate::stages::timeout::{Timeout, TimeoutLayer};
-use crate::upstream::forward::Forward;
+use crate::proto::body::Body;
+use crate::respond::ProxyError;
+use crate::routing::destination::Destination;
+use crate::stages::ratelimit::{self, Caller, Limiter};
+use crate::stages::{retry, timeout};
+use crate::state::Proxy;
+use crate::telemetry::trace::AttemptParent;
+use crate::upstream::forward::{self, Sender};
 
-/// The request stages after routing, outermost first.
-///
-/// The type is spelled out (not `impl Service`) because an opaque return type hides from rustc
-/// that the response future is `Send` for hyper's HTTP/2 executor.
-pub fn stack(proxy: Arc<Proxy>) -> RateLimitService<Timeout<Retry<Forward>>> {
-    ServiceBuilder::new()
-        // 5. Refuse over-limit requests before spending anything on them.
-        .layer(RateLimitLayer)
-        // 6. The route's deadline covers every attempt below.
-        .layer(TimeoutLayer)
-        // 7. Retriable failures are sent again, within the budget.
-        .layer(RetryLayer)
-        // 8. Balance and send.
-        .service(Forward::new(proxy))
+/// What the stages know about one request besides the request itself: set once by the
+/// handler (from the connection and routing), read by the stages.
+#[derive(Debug)]
+pub struct Ctx {
+    pub client: SocketAddr,
+    /// The caller's SPIFFE ID (inbound mutual TLS only): rate-limit keys.
+    pub peer_identity: Option<Arc<str>>,
+    pub destination: Destination,
+    /// The local service's inbound limit (inbound requests only).
+    pub inbound_limit: Option<Arc<Limiter>>,
+    /// The request's span, when tracing is on and the route retries: attempts are its
+    /// children.
+    pub attempt_parent: Option<AttemptParent>,
 }
 
-/// Runs one request through the stages. Every stage is always ready (none applies
-/// backpressure through `poll_ready`), so the stack is called directly. Returning the concrete
-/// boxed future keeps the caller's async state free of generic futures, which rustc cannot
-/// always prove `Send` for hyper's HTTP/2 executor.
-pub fn call(proxy: Arc<Proxy>, req: Request<Body>) -> ResponseFuture {
-    stack(proxy).call(req)
+/// Stages 5 to 8 for one routed, admitted request.
+pub async fn run(
+    proxy: &Proxy,
+    ctx: &Ctx,
+    req: Request<Body>,
+) -> Result<Response<Body>, ProxyError> {
+    let route = ctx.destination.route();
+
+    // 5. Refuse over-limit requests before spending anything on them.
+    let limiter = route
+        .and_then(|r| r.limiter.as_ref())
+        .or(ctx.inbound_limit.as_ref());
+    let rate = match limiter {
+        Some(limiter) => Some(ratelimit::admit(
+            limiter,
+            &Caller {
+                ip: ctx.client.ip(),
+                identity: ctx.peer_identity.as_deref(),
+                headers: req.headers(),
+            },
+        )?),
+        None => None,
+    };
+
+    // 6. The route's deadline covers every attempt below.
+    let deadline = timeout::deadline(route.and_then(|r| r.timeout()), req.headers());
+    let attempts = async {
+        match route.and_then(|r| r.retry.as_deref()) {
+            // 7. Retriable failures are sent again, within the budget.
+            Some(state) => {
+                retry::run(state, ctx.attempt_parent.as_ref(), req, |req| {
+                    send(proxy, &ctx.destination, req)
+                })
+                .await
+            }
+            None => send(proxy, &ctx.destination, req).await,
+        }
+    };
+    let mut resp = timeout::within(deadline, attempts).await?;
+
+    if let Some(rate) = rate {
+        resp.headers_mut().insert("ratelimit-policy", rate.policy);
+        resp.headers_mut().insert("ratelimit", rate.state);
+    }
+    Ok(resp)
+}
+
+/// Stage 8, one attempt: balance, then send, in mutual TLS to a meshed endpoint unless the
+/// mesh has it disabled.
+async fn send(
+    proxy: &Proxy,
+    destination: &Destination,
+    req: Request<Body>,
+) -> Result<Response<Body>, ProxyError> {
+    let (endpoint, balancer) = destination.pick(req.headers())?;
+    let tls = match &endpoint.identity {
+        Some(_) if proxy.mtls() != MtlsMode::Disabled => {
+            Some(proxy.identity.current().ok_or(ProxyError::NoCertificate {
+                endpoint: endpoint.addr,
+            })?)
+        }
+        _ => None,
+    };
+    let sender = Sender {
+        pool: &proxy.pool,
+        metrics: &proxy.metrics,
+    };
+    forward::send(sender, endpoint, balancer, tls, req).await
 }

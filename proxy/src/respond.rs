@@ -12,6 +12,8 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::proto::body::{self, Body};
+use crate::proto::detect::DetectError;
+use crate::proto::h1::server::Refusal;
 
 /// Which side of the proxy a failure came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,7 +72,7 @@ pub enum ProxyError {
         limit: String,
         rate: sidemesh_config::units::Rate,
         retry_after: Duration,
-        headers: Box<crate::stages::ratelimit::RateHeaders>,
+        headers: Box<RateHeaders>,
     },
 }
 
@@ -173,7 +175,7 @@ pub fn error_response(error: &ProxyError, grpc: bool) -> Response<Body> {
         let h = resp.headers_mut();
         h.insert(
             header::RETRY_AFTER,
-            HeaderValue::from(crate::stages::ratelimit::ceil_secs(*retry_after)),
+            HeaderValue::from(ceil_secs(*retry_after)),
         );
         h.insert("ratelimit-policy", headers.policy.clone());
         h.insert("ratelimit", headers.state.clone());
@@ -240,9 +242,63 @@ fn percent_encode(s: &str) -> String {
     out
 }
 
+/// `RateLimit-Policy` and `RateLimit` header values: on an admitted request's response and
+/// on the 429 of a refused one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateHeaders {
+    pub policy: HeaderValue,
+    pub state: HeaderValue,
+}
+
+/// Whole seconds, rounded up, at least 1 (as `Retry-After` and `t=` want).
+pub fn ceil_secs(d: Duration) -> u64 {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+/// The answer to a request the HTTP/1 server refused before any handler saw it, and the
+/// reason it is counted under (`connection_refused`).
+pub fn head_refusal(refusal: &Refusal) -> (&'static str, Vec<u8>) {
+    let (status, code) = match refusal {
+        Refusal::Malformed(_) => (StatusCode::BAD_REQUEST, "malformed-request"),
+        Refusal::TooLarge(_) => (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers-too-large",
+        ),
+        Refusal::HeadTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "header-timeout"),
+    };
+    tracing::debug!(%status, reason = %refusal, "refused a request");
+    (code, raw_http1(status, code, &refusal.to_string()))
+}
+
+/// The answer to a connection refused during protocol detection, when it spoke HTTP/1
+/// (`None`: closed without one), and the reason it is counted under.
+pub fn detect_refusal(error: &DetectError) -> Option<(&'static str, Vec<u8>)> {
+    let (status, code) = match error {
+        DetectError::HeadTooLarge { .. } => (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers-too-large",
+        ),
+        DetectError::Malformed { .. } => (StatusCode::BAD_REQUEST, "malformed-request"),
+        DetectError::HeadTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "header-timeout"),
+        DetectError::Closed | DetectError::Io(_) => return None,
+    };
+    tracing::debug!(error = %error, "refused a connection during detection");
+    Some((code, raw_http1(status, code, &error.to_string())))
+}
+
+/// The answer to a plaintext HTTP/1 connection on a strict-mTLS inbound port.
+pub fn plaintext_refusal() -> Vec<u8> {
+    raw_http1(
+        StatusCode::FORBIDDEN,
+        "mtls-required",
+        "this port only accepts mutual TLS from meshed proxies (mtls: strict)",
+    )
+}
+
 /// Raw HTTP/1.1 bytes for errors found before hyper sees the connection (a malformed or
 /// oversized request head, a client too slow to send one). The connection is closed after.
-pub fn raw_http1(status: StatusCode, code: &'static str, message: &str) -> Vec<u8> {
+fn raw_http1(status: StatusCode, code: &'static str, message: &str) -> Vec<u8> {
     let body = format!("sidemesh: {message}\n");
     format!(
         "HTTP/1.1 {} {}\r\nserver: sidemesh\r\nx-sidemesh-error: {code}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",

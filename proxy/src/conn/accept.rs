@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use http::StatusCode;
 use sidemesh_config::MtlsMode;
 use sidemesh_config::Protocol as PortProtocol;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -14,10 +13,10 @@ use tokio::sync::Semaphore;
 
 use crate::app::Proxy;
 use crate::config::Mode;
-use crate::conn::detect::{self, DetectError, DetectLimits, Protocol};
 use crate::drain::Drain;
 use crate::http::{ConnInfo, Target};
 use crate::identity::tls::{self, Carried};
+use crate::proto::detect::{self, DetectError, DetectLimits, Protocol};
 use crate::proto::rewind::Rewind;
 use crate::respond;
 use crate::telemetry::metrics::Direction;
@@ -265,13 +264,7 @@ async fn refuse_plaintext(
     proxy.metrics.connection_refused("plaintext");
     tracing::info!(client = %peer, "refused a plaintext connection: this mesh requires mutual TLS (mtls: strict)");
     if protocol == Protocol::Http1 {
-        let _ = io
-            .write_all(&respond::raw_http1(
-                StatusCode::FORBIDDEN,
-                "mtls-required",
-                "this port only accepts mutual TLS from meshed proxies (mtls: strict)",
-            ))
-            .await;
+        let _ = io.write_all(&respond::plaintext_refusal()).await;
     }
     let _ = io.shutdown().await;
 }
@@ -330,29 +323,11 @@ where
 
 /// Answers a connection refused during detection (when it spoke HTTP) and closes it.
 async fn refuse(mut stream: TcpStream, error: DetectError, proxy: &Proxy) {
-    let (status, code, reason) = match &error {
-        DetectError::HeadTooLarge { .. } => (
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "headers-too-large",
-            "headers-too-large",
-        ),
-        DetectError::Malformed { .. } => (
-            StatusCode::BAD_REQUEST,
-            "malformed-request",
-            "malformed-request",
-        ),
-        DetectError::HeadTimeout { .. } => (
-            StatusCode::REQUEST_TIMEOUT,
-            "header-timeout",
-            "header-timeout",
-        ),
-        DetectError::Closed | DetectError::Io(_) => return,
+    let Some((reason, answer)) = respond::detect_refusal(&error) else {
+        return;
     };
     proxy.metrics.connection_refused(reason);
-    tracing::debug!(error = %error, "refused a connection during detection");
-    let _ = stream
-        .write_all(&respond::raw_http1(status, code, &error.to_string()))
-        .await;
+    let _ = stream.write_all(&answer).await;
     let _ = stream.shutdown().await;
 }
 

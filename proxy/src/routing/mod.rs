@@ -1,3 +1,5 @@
-//! The compiled routing config (one immutable snapshot, swapped whole) and route matching.
+//! Routing: the compiled config (one immutable snapshot, swapped whole), route matching, and
+//! the destination a request is sent to.
 
+pub mod destination;
 pub mod snapshot;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use sidemesh_config::{Mesh, PathMatch, Protocol, Route, RouteMatch, ServiceId};
 
-use crate::stages::ratelimit::Limiter;
+use crate::stages::ratelimit::{Limiter, Limiters};
 use crate::stages::retry::RetryState;
 use crate::telemetry::metrics::{Direction, Metrics, RouteMetrics};
 use crate::upstream::balance::Balancer;
@@ -81,6 +81,15 @@ pub enum CompileError {
     UnknownLocalService(String, String),
 }
 
+/// What a compiled snapshot takes its live state from, so that state outlives config
+/// changes: endpoints (pooled connections, outlier state), rate-limit buckets, metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct Stores<'a> {
+    pub registry: &'a Registry,
+    pub limiters: &'a Limiters,
+    pub metrics: &'a Metrics,
+}
+
 impl Snapshot {
     /// No services yet: what a proxy in control-plane mode serves (not ready) until its first
     /// config arrives. Every request is refused as an unknown service.
@@ -102,10 +111,9 @@ impl Snapshot {
         mesh: Mesh,
         version: u64,
         local: &str,
-        registry: &Registry,
-        metrics: &Metrics,
+        stores: &Stores<'_>,
     ) -> Result<Self, CompileError> {
-        Self::compile_meshed(mesh, version, local, registry, metrics, &Meshed::new())
+        Self::compile_meshed(mesh, version, local, stores, &Meshed::new())
     }
 
     /// A snapshot where the endpoints in `meshed` are proxies that must present the given
@@ -114,10 +122,14 @@ impl Snapshot {
         mesh: Mesh,
         version: u64,
         local: &str,
-        registry: &Registry,
-        metrics: &Metrics,
+        stores: &Stores<'_>,
         meshed: &Meshed,
     ) -> Result<Self, CompileError> {
+        let Stores {
+            registry,
+            limiters,
+            metrics,
+        } = *stores;
         let local_id = find_service(&mesh, local).ok_or_else(|| {
             let names: Vec<String> = mesh.services.iter().map(|s| s.id.to_string()).collect();
             CompileError::UnknownLocalService(local.to_string(), names.join(", "))
@@ -181,7 +193,7 @@ impl Snapshot {
                     limiter: route.rate_limit.as_ref().map(|spec| {
                         let counter =
                             metrics.rate_limited(Direction::Outbound, &label, &route.name);
-                        registry.limiter(
+                        limiters.limiter(
                             &format!("outbound/{}/{}", s.id, route.name),
                             &route.name,
                             spec,
@@ -215,7 +227,7 @@ impl Snapshot {
                 .filter(|_| s.id == local_id)
                 .map(|spec| {
                     let counter = metrics.rate_limited(Direction::Inbound, &label, "inbound");
-                    registry.limiter(&format!("inbound/{}", s.id), &s.id.name, spec, counter)
+                    limiters.limiter(&format!("inbound/{}", s.id), &s.id.name, spec, counter)
                 });
             services.insert(
                 s.id.clone(),
@@ -432,6 +444,14 @@ impl Snapshot {
 mod tests {
     use super::*;
 
+    fn test_stores() -> Stores<'static> {
+        Stores {
+            registry: Box::leak(Box::default()),
+            limiters: Box::leak(Box::default()),
+            metrics: Box::leak(Box::new(Metrics::new())),
+        }
+    }
+
     const MESH: &str = "\
 apiVersion: sidemesh.io/v1
 kind: Mesh
@@ -460,7 +480,7 @@ routes:
 
     fn snapshot() -> Snapshot {
         let mesh = sidemesh_config::parse_str("t.yaml", MESH).expect("valid");
-        Snapshot::compile(mesh, 1, "me", &Registry::default(), &Metrics::new()).expect("compile")
+        Snapshot::compile(mesh, 1, "me", &test_stores()).expect("compile")
     }
 
     /// (host, method, path, headers, expected route)
@@ -535,8 +555,7 @@ routes:
     #[test]
     fn a_proxy_for_an_unknown_service_is_refused() {
         let mesh = sidemesh_config::parse_str("t.yaml", MESH).expect("valid");
-        let err = Snapshot::compile(mesh, 1, "nope", &Registry::default(), &Metrics::new())
-            .expect_err("unknown");
+        let err = Snapshot::compile(mesh, 1, "nope", &test_stores()).expect_err("unknown");
         assert!(
             err.to_string()
                 .contains("must name one of: me.default, api.shop"),

@@ -77,8 +77,7 @@ enum StreamError {
 pub fn load_stored(
     dir: &Path,
     service: &str,
-    proxy: &crate::upstream::endpoint::Registry,
-    metrics: &crate::telemetry::metrics::Metrics,
+    stores: &crate::routing::snapshot::Stores<'_>,
 ) -> Option<(Snapshot, String)> {
     let path = dir.join(SNAPSHOT_FILE);
     let text = std::fs::read_to_string(&path).ok()?;
@@ -94,8 +93,7 @@ pub fn load_stored(
         mesh,
         stored.version,
         service,
-        proxy,
-        metrics,
+        stores,
         &meshed_map(&stored.meshed),
     )
     .ok()?;
@@ -219,8 +217,7 @@ fn apply(proxy: &Proxy, me: &Identity, snapshot: &v1::Snapshot) -> Result<(), St
         mesh,
         snapshot.version,
         &proxy.service,
-        &proxy.registry,
-        &proxy.metrics,
+        &proxy.stores(),
         &meshed_map(&meshed),
     )
     .map_err(|e| e.to_string())?;

@@ -60,13 +60,7 @@ pub fn apply(proxy: &Proxy, sources: &[Source]) -> bool {
             return false;
         }
     };
-    match Snapshot::compile(
-        mesh,
-        current + 1,
-        &proxy.service,
-        &proxy.registry,
-        &proxy.metrics,
-    ) {
+    match Snapshot::compile(mesh, current + 1, &proxy.service, &proxy.stores()) {
         Ok(snapshot) => {
             proxy.tracing.configure(&snapshot.mesh.settings.tracing);
             proxy.snapshot.store(Arc::new(snapshot));

@@ -1,6 +1,7 @@
 //! The request stages that decide before any upstream work: authorize, rate limit, timeout,
 //! retry. Each is a plain function over the state it needs; `pipeline.rs` calls them in order.
 
+pub mod authorize;
 pub mod ratelimit;
 pub mod retry;
 pub mod timeout;

@@ -14,6 +14,8 @@ use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use crate::respond::{ProxyError, RateHeaders, ceil_secs};
+
 use governor::clock::Clock;
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DashMapStateStore;
@@ -125,13 +127,6 @@ pub enum Decision {
         retry_after: Duration,
         headers: RateHeaders,
     },
-}
-
-/// `RateLimit-Policy` and `RateLimit` header values.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RateHeaders {
-    pub policy: HeaderValue,
-    pub state: HeaderValue,
 }
 
 /// What tells callers apart, as the request and its connection show it.
@@ -276,109 +271,56 @@ impl Limiter {
     }
 }
 
-/// The caller's address, put into every request's extensions by the HTTP handler.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientAddr(pub std::net::SocketAddr);
-
-/// The local service's inbound limit, put into inbound requests' extensions.
-#[derive(Debug, Clone)]
-pub struct InboundLimit(pub std::sync::Arc<Limiter>);
-
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RateLimitLayer;
-
-impl<S> tower::Layer<S> for RateLimitLayer {
-    type Service = RateLimitService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RateLimitService { inner }
-    }
+/// Rate limiters by scope and settings: a reload that keeps a limit keeps its buckets (a
+/// fresh limiter would hand every client a new burst).
+#[derive(Debug, Default)]
+pub struct Limiters {
+    limiters: std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<Limiter>>>,
 }
 
-/// The request stage: 429 from the proxy when over the limit; otherwise the response gains
-/// the `RateLimit` headers.
-#[derive(Debug, Clone)]
-pub struct RateLimitService<S> {
-    inner: S,
-}
-
-impl<S> tower::Service<http::Request<crate::proto::body::Body>> for RateLimitService<S>
-where
-    S: tower::Service<
-            http::Request<crate::proto::body::Body>,
-            Response = http::Response<crate::proto::body::Body>,
-            Error = crate::respond::ProxyError,
-            Future = crate::proto::body::ResponseFuture,
-        >,
-{
-    type Response = http::Response<crate::proto::body::Body>;
-    type Error = crate::respond::ProxyError;
-    type Future = crate::proto::body::ResponseFuture;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<crate::proto::body::Body>) -> Self::Future {
-        let limiter = match req
-            .extensions()
-            .get::<crate::upstream::forward::Destination>()
-        {
-            Some(crate::upstream::forward::Destination::Route(route)) => route.limiter.clone(),
-            _ => req.extensions().get::<InboundLimit>().map(|l| l.0.clone()),
-        };
-        let Some(limiter) = limiter else {
-            return self.inner.call(req);
-        };
-        let ip = req
-            .extensions()
-            .get::<ClientAddr>()
-            .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
-        let caller = Caller {
-            ip,
-            identity: req
-                .extensions()
-                .get::<crate::http::PeerIdentity>()
-                .map(|p| &*p.0),
-            headers: req.headers(),
-        };
-        match limiter.check(&caller) {
-            Decision::Limited {
-                retry_after,
-                headers,
-            } => Box::pin(std::future::ready(Err(
-                crate::respond::ProxyError::RateLimited {
-                    limit: limiter.name.clone(),
-                    rate: limiter.spec.rate,
-                    retry_after,
-                    headers: Box::new(headers),
-                },
-            ))),
-            Decision::Allowed { headers, .. } => {
-                let fut = self.inner.call(req);
-                Box::pin(async move {
-                    let mut resp = fut.await?;
-                    resp.headers_mut()
-                        .insert("ratelimit-policy", headers.policy);
-                    resp.headers_mut().insert("ratelimit", headers.state);
-                    Ok(resp)
-                })
-            }
+impl Limiters {
+    /// The limiter for `scope` (e.g. `outbound/users/route-name`) with these settings.
+    pub fn limiter(
+        &self,
+        scope: &str,
+        name: &str,
+        spec: &sidemesh_config::RateLimit,
+        limited: prometheus_client::metrics::counter::Counter,
+    ) -> std::sync::Arc<Limiter> {
+        let key = format!(
+            "{scope}|{}",
+            serde_json::to_string(spec).unwrap_or_default()
+        );
+        let mut map = self.limiters.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = map.get(&key).and_then(std::sync::Weak::upgrade) {
+            return l;
         }
+        map.retain(|_, weak| weak.strong_count() > 0);
+        let limiter = std::sync::Arc::new(Limiter::new(name, spec, limited));
+        map.insert(key, std::sync::Arc::downgrade(&limiter));
+        limiter
+    }
+}
+
+/// The stage: a 429 from the proxy when `caller` is over `limiter`'s limit, before any
+/// upstream work; otherwise the `RateLimit` headers for the response.
+pub fn admit(limiter: &Limiter, caller: &Caller<'_>) -> Result<RateHeaders, ProxyError> {
+    match limiter.check(caller) {
+        Decision::Allowed { headers, .. } => Ok(headers),
+        Decision::Limited {
+            retry_after,
+            headers,
+        } => Err(ProxyError::RateLimited {
+            limit: limiter.name.clone(),
+            rate: limiter.spec.rate,
+            retry_after,
+            headers: Box::new(headers),
+        }),
     }
 }
 
 fn header(s: &str) -> HeaderValue {
     HeaderValue::from_str(s).unwrap_or(HeaderValue::from_static("\"default\""))
-}
-
-/// Whole seconds, rounded up, at least 1 (as `Retry-After` and `t=` want).
-pub fn ceil_secs(d: Duration) -> u64 {
-    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
-    secs.max(1)
 }
 
 #[cfg(test)]

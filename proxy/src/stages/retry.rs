@@ -6,8 +6,9 @@
 //! so no byte of a failed attempt reaches the client.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,11 +18,10 @@ use http_body::{Body as _, Frame};
 use http_body_util::BodyExt;
 use prometheus_client::metrics::counter::Counter;
 use sidemesh_config::{GrpcCode, RetryOn, RetryPolicy};
-use tower::Service;
 
-use crate::proto::body::{self, Body, BoxError, ResponseFuture};
+use crate::proto::body::{self, Body, BoxError};
 use crate::respond::ProxyError;
-use crate::upstream::forward::Destination;
+use crate::telemetry::trace::AttemptParent;
 
 /// Sent upstream with each attempt's number (1, 2, ...).
 pub const ATTEMPT_HEADER: &str = "x-sidemesh-attempt";
@@ -124,53 +124,6 @@ impl Budget {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default)]
-pub struct RetryLayer;
-
-impl<S> tower::Layer<S> for RetryLayer {
-    type Service = Retry<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Retry { inner }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Retry<S> {
-    inner: S,
-}
-
-impl<S> Service<Request<Body>> for Retry<S>
-where
-    S: Service<
-            Request<Body>,
-            Response = Response<Body>,
-            Error = ProxyError,
-            Future = ResponseFuture,
-        > + Clone
-        + Send
-        + 'static,
-{
-    type Response = Response<Body>;
-    type Error = ProxyError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> ResponseFuture {
-        let state = match req.extensions().get::<Destination>() {
-            Some(Destination::Route(route)) => route.retry.clone(),
-            _ => None,
-        };
-        match state {
-            None => self.inner.call(req),
-            Some(state) => Box::pin(with_retries(self.inner.clone(), state, req)),
-        }
-    }
-}
-
 fn expects_continue(headers: &http::HeaderMap) -> bool {
     headers
         .get(http::header::EXPECT)
@@ -184,25 +137,24 @@ fn idempotent(method: &Method) -> bool {
     )
 }
 
-async fn with_retries<S>(
-    mut inner: S,
-    state: Arc<RetryState>,
+/// The stage: sends `req` with `send`, and again while the failure is retriable and the
+/// budget allows; `parent` (when tracing) gets one child span per attempt.
+pub async fn run<F, Fut>(
+    state: &RetryState,
+    parent: Option<&AttemptParent>,
     req: Request<Body>,
+    mut send: F,
 ) -> Result<Response<Body>, ProxyError>
 where
-    S: Service<
-            Request<Body>,
-            Response = Response<Body>,
-            Error = ProxyError,
-            Future = ResponseFuture,
-        >,
+    F: FnMut(Request<Body>) -> Fut,
+    Fut: Future<Output = Result<Response<Body>, ProxyError>>,
 {
     state.budget.record_request();
     let policy = &state.policy;
     // An upgrade's connection handle lives in this request's extensions: it is never replayed.
     let upgrade = crate::proto::headers::is_upgrade(req.headers());
     if upgrade || !(policy.non_idempotent || idempotent(req.method())) || policy.attempts <= 1 {
-        return inner.call(req).await;
+        return send(req).await;
     }
     let (mut parts, body) = req.into_parts();
     // The body is read here before any attempt: a client waiting for `100 Continue` gets it
@@ -223,13 +175,9 @@ where
         Ok(bytes) => bytes,
         Err(streaming) => {
             // Too large to keep: sent once, as a stream.
-            return inner.call(Request::from_parts(parts, streaming)).await;
+            return send(Request::from_parts(parts, streaming)).await;
         }
     };
-    let traced = parts
-        .extensions
-        .get::<crate::telemetry::trace::AttemptParent>()
-        .cloned();
     for attempt in 1..=policy.attempts {
         let mut req = Request::new(body::full(replay.clone()));
         *req.method_mut() = parts.method.clone();
@@ -239,14 +187,12 @@ where
         req.headers_mut()
             .insert(ATTEMPT_HEADER, HeaderValue::from(attempt));
         *req.extensions_mut() = parts.extensions.clone();
-        let span = traced
-            .as_ref()
-            .map(|parent| parent.start(attempt, req.headers_mut()));
+        let span = parent.map(|parent| parent.start(attempt, req.headers_mut()));
         let result = match policy.per_try_timeout {
-            Some(limit) => tokio::time::timeout(limit.get(), inner.call(req))
+            Some(limit) => tokio::time::timeout(limit.get(), send(req))
                 .await
                 .unwrap_or(Err(ProxyError::Timeout { after: limit.get() })),
-            None => inner.call(req).await,
+            None => send(req).await,
         };
         if let Some(span) = span {
             match &result {

@@ -2,71 +2,34 @@
 //! 504 from the proxy instead of a caller left hanging. A gRPC caller's `grpc-timeout` header
 //! shortens it (never lengthens it): there is no point working past the caller's deadline.
 
-use std::task::{Context, Poll};
+use std::future::Future;
 use std::time::Duration;
 
-use http::{Request, Response};
-use tower::{Layer, Service};
+use http::HeaderMap;
 
-use crate::proto::body::{Body, ResponseFuture};
 use crate::respond::ProxyError;
-use crate::upstream::forward::Destination;
 
-#[derive(Debug, Clone, Copy, Default)]
-pub struct TimeoutLayer;
-
-impl<S> Layer<S> for TimeoutLayer {
-    type Service = Timeout<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Timeout { inner }
+/// The deadline for a request: the route's timeout, shortened by the caller's `grpc-timeout`.
+pub fn deadline(route: Option<Duration>, headers: &HeaderMap) -> Option<Duration> {
+    let caller = headers
+        .get("grpc-timeout")
+        .and_then(|v| grpc_timeout(v.as_bytes()));
+    match (route, caller) {
+        (Some(r), Some(c)) => Some(r.min(c)),
+        (r, c) => r.or(c),
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct Timeout<S> {
-    inner: S,
-}
-
-impl<S> Service<Request<Body>> for Timeout<S>
-where
-    S: Service<
-            Request<Body>,
-            Response = Response<Body>,
-            Error = ProxyError,
-            Future = ResponseFuture,
-        >,
-{
-    type Response = Response<Body>;
-    type Error = ProxyError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
-        let route = match req.extensions().get::<Destination>() {
-            Some(Destination::Route(route)) => route.timeout(),
-            _ => None,
-        };
-        let caller = req
-            .headers()
-            .get("grpc-timeout")
-            .and_then(|v| grpc_timeout(v.as_bytes()));
-        let limit = match (route, caller) {
-            (Some(r), Some(c)) => Some(r.min(c)),
-            (r, c) => r.or(c),
-        };
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            match limit {
-                Some(after) => tokio::time::timeout(after, fut)
-                    .await
-                    .unwrap_or(Err(ProxyError::Timeout { after })),
-                None => fut.await,
-            }
-        })
+/// Runs `attempts` within `deadline`: past it, the proxy's 504.
+pub async fn within<T>(
+    deadline: Option<Duration>,
+    attempts: impl Future<Output = Result<T, ProxyError>>,
+) -> Result<T, ProxyError> {
+    match deadline {
+        Some(after) => tokio::time::timeout(after, attempts)
+            .await
+            .unwrap_or(Err(ProxyError::Timeout { after })),
+        None => attempts.await,
     }
 }
 

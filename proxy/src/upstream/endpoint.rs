@@ -399,9 +399,6 @@ type EndpointKey = (SocketAddr, Option<Arc<str>>);
 pub struct Registry {
     endpoints: Mutex<HashMap<EndpointKey, Weak<Endpoint>>>,
     pinned: Mutex<HashMap<EndpointKey, Arc<Endpoint>>>,
-    /// Rate limiters by scope and settings: a reload that keeps a limit keeps its buckets
-    /// (a fresh limiter would hand every client a new burst).
-    limiters: Mutex<HashMap<String, Weak<crate::stages::ratelimit::Limiter>>>,
 }
 
 /// Most pinned direct destinations; beyond it the least useful (idle) ones are let go.
@@ -420,28 +417,6 @@ impl Registry {
         let ep = Arc::new(Endpoint::new(addr, key.1.clone()));
         map.insert(key, Arc::downgrade(&ep));
         ep
-    }
-
-    /// The limiter for `scope` (e.g. `outbound/users/route-name`) with these settings.
-    pub fn limiter(
-        &self,
-        scope: &str,
-        name: &str,
-        spec: &sidemesh_config::RateLimit,
-        limited: prometheus_client::metrics::counter::Counter,
-    ) -> Arc<crate::stages::ratelimit::Limiter> {
-        let key = format!(
-            "{scope}|{}",
-            serde_json::to_string(spec).unwrap_or_default()
-        );
-        let mut map = self.limiters.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(l) = map.get(&key).and_then(Weak::upgrade) {
-            return l;
-        }
-        map.retain(|_, weak| weak.strong_count() > 0);
-        let limiter = Arc::new(crate::stages::ratelimit::Limiter::new(name, spec, limited));
-        map.insert(key, Arc::downgrade(&limiter));
-        limiter
     }
 
     /// A direct destination, kept alive (and its connections pooled) across requests.

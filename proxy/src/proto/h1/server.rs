@@ -23,7 +23,6 @@ use super::{Interim, InterimResponse, Io, OnUpgrade, RawTarget, Reason, TargetFo
 use crate::drain::Drain;
 use crate::proto::body::{self, Body};
 use crate::proto::rewind::Rewind;
-use crate::respond;
 
 /// The bounds of one client connection.
 #[derive(Debug, Clone, Copy)]
@@ -34,30 +33,29 @@ pub struct Config {
     pub body_timeout: Duration,
 }
 
-/// A request refused before the handler sees it, answered by the proxy with its marker.
-#[derive(Debug)]
-struct Refusal {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
+/// A request refused before the handler sees it. How it is answered (status, marker, words)
+/// is decided where every other error is, in `respond::refusal`.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// The head breaks HTTP/1.1's grammar or rules.
+    #[error("{0}")]
+    Malformed(String),
+    /// The head is beyond the proxy's size or count limits.
+    #[error("request {0}")]
+    TooLarge(HeadError),
+    /// The head did not arrive in time.
+    #[error("request head not complete after {0:?}")]
+    HeadTimeout(Duration),
 }
 
 impl Refusal {
     fn bad(message: impl Into<String>) -> Self {
-        Self {
-            status: StatusCode::BAD_REQUEST,
-            code: "malformed-request",
-            message: message.into(),
-        }
+        Refusal::Malformed(message.into())
     }
 
-    fn from_head(e: &HeadError) -> Self {
+    fn from_head(e: HeadError) -> Self {
         match e {
-            HeadError::TooLarge { .. } | HeadError::TooManyHeaders { .. } => Self {
-                status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                code: "headers-too-large",
-                message: format!("request {e}"),
-            },
+            HeadError::TooLarge { .. } | HeadError::TooManyHeaders { .. } => Refusal::TooLarge(e),
             HeadError::Malformed(why) => Self::bad(format!("malformed HTTP request: {why}")),
         }
     }
@@ -73,13 +71,13 @@ struct Admitted {
 /// Serves HTTP/1.x on `io` until the client closes, a request asks to close, a fault makes
 /// the connection unusable, or the proxy drains.
 ///
-/// `refused` is told the code of every request the server itself refuses (for metrics).
+/// `refused` turns every request the server itself refuses into the bytes of its answer.
 pub async fn serve<I, H, F, R>(io: I, cfg: Config, mut drain: Drain, handler: H, refused: R)
 where
     I: Io,
     H: Fn(Request<Body>) -> F,
     F: Future<Output = Response<Body>>,
-    R: Fn(&'static str),
+    R: Fn(&Refusal) -> Vec<u8>,
 {
     let (mut rd, mut wr) = tokio::io::split(io);
     let mut buf = BytesMut::with_capacity(8 * 1024);
@@ -93,8 +91,7 @@ where
             Ok(None) => break,
             Err(refusal) => {
                 if let Some(refusal) = refusal {
-                    refused(refusal.code);
-                    refuse(&mut wr, &refusal).await;
+                    refuse(&mut wr, &refused(&refusal)).await;
                 }
                 break;
             }
@@ -109,8 +106,7 @@ where
         } = match admit(head) {
             Ok(admitted) => admitted,
             Err(refusal) => {
-                refused(refusal.code);
-                refuse(&mut wr, &refusal).await;
+                refuse(&mut wr, &refused(&refusal)).await;
                 break;
             }
         };
@@ -218,7 +214,7 @@ async fn read_head<R: AsyncRead + Unpin>(
         match head::parse_request(buf, cfg.limits) {
             Ok(Some(head)) => return Ok(Some(head)),
             Ok(None) => {}
-            Err(e) => return Err(Some(Refusal::from_head(&e))),
+            Err(e) => return Err(Some(Refusal::from_head(e))),
         }
         if buf.capacity() - buf.len() < 1024 {
             buf.reserve(8 * 1024);
@@ -246,11 +242,7 @@ async fn read_head<R: AsyncRead + Unpin>(
             Ok(Ok(0) | Err(_)) => return Err(None),
             Ok(Ok(_)) => {}
             Err(_) => {
-                return Err(Some(Refusal {
-                    status: StatusCode::REQUEST_TIMEOUT,
-                    code: "header-timeout",
-                    message: format!("request head not complete after {:?}", cfg.header_timeout),
-                }));
+                return Err(Some(Refusal::HeadTimeout(cfg.header_timeout)));
             }
         }
     }
@@ -519,15 +511,8 @@ async fn write_interim<W: AsyncWrite + Unpin>(
     wr.flush().await
 }
 
-async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, refusal: &Refusal) {
-    tracing::debug!(status = %refusal.status, reason = %refusal.message, "refused a request");
-    let _ = wr
-        .write_all(&respond::raw_http1(
-            refusal.status,
-            refusal.code,
-            &refusal.message,
-        ))
-        .await;
+async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, answer: &[u8]) {
+    let _ = wr.write_all(answer).await;
     let _ = wr.flush().await;
 }
 
