@@ -12,9 +12,9 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::app::Proxy;
 use crate::drain::Drain;
 use crate::proto::body::{self, Body};
+use crate::state::Proxy;
 
 pub async fn serve(listener: TcpListener, proxy: Arc<Proxy>, mut drain: Drain) {
     loop {

@@ -375,7 +375,10 @@ impl App {
         }
         tracing::info!(listener = "admin", addr = %self.addrs.admin, "listening");
         tokio::spawn(admin::serve(self.admin, self.proxy.clone(), drain.clone()));
-        tokio::spawn(identity::run(self.proxy.clone(), drain.clone()));
+        let (proxy, identity_drain) = (self.proxy.clone(), drain.clone());
+        tokio::spawn(async move {
+            identity::run(&proxy.identity, &proxy.metrics, identity_drain).await
+        });
         self.proxy
             .tracing
             .configure(&self.proxy.snapshot.load().mesh.settings.tracing);

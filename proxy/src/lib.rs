@@ -1,26 +1,34 @@
-//! `sidemesh-proxy`: the per-pod data plane. `pipeline.rs` lists the data path in order.
+//! `sidemesh-proxy`: the per-pod data plane.
 //!
-//! - `app`: build (load config, bind listeners) and run (serve, reload, drain).
-//! - `init`: `sidemesh-proxy init`, the iptables rules of a pod.
-//! - `config`: the proxy's flags and environment variables.
-//! - `accept`: listeners, connection limits, original destination.
-//! - `detect`: protocol detection (HTTP/1, HTTP/2, TLS, opaque).
-//! - `http`: serving HTTP connections; the per-request handler and routing.
-//! - `h1`: HTTP/1.x server and client, transparent to what clients send.
-//! - `tcp`: opaque byte forwarding.
-//! - `tls`: mutual TLS between proxies: handshakes, SPIFFE ID checks, ALPN.
-//! - `identity`: the workload certificate: CSR to the control plane's CA, renewal.
-//! - `pipeline`: the request stages, in order.
-//! - `ratelimit`, `timeout`, `retry`, `forward`: request stages.
-//! - `snapshot`: compiled routing config; route matching.
-//! - `balance`, `endpoint`: load balancing, pooled connections, outlier detection.
-//! - `headers`, `body`, `rewind`: HTTP hygiene and IO helpers.
-//! - `respond`: errors to synthetic responses, in one place.
-//! - `trace`: OpenTelemetry spans per request and attempt, propagation, OTLP export.
-//! - `metrics`, `admin`: Prometheus metrics and the admin server.
-//! - `reload`, `control`: config from a file (static mode) or pushed by the control plane.
-//! - `cp_channel`: the TLS connection to the control plane, pinned to the trust bundle.
-//! - `drain`: graceful shutdown.
+//! A request crosses the modules in this order; [`pipeline`] lists the per-request stages with
+//! the reason for each.
+//!
+//! | Module | What it does |
+//! |---|---|
+//! | [`conn`] | listeners, the connection cap, original destination, TLS termination of meshed callers, opaque TCP |
+//! | [`proto`] | the wire: protocol detection, the HTTP/1.x codec, bodies, header hygiene |
+//! | [`http`] | serving an HTTP/1.x or HTTP/2 connection; the per-request handler (route, authorize, span) |
+//! | [`routing`] | the compiled config snapshot, route matching, the chosen destination |
+//! | [`pipeline`] | the stages in order: rate limit, deadline, retries, one attempt |
+//! | [`stages`] | authorize, rate limit, timeout, retry: plain functions |
+//! | [`upstream`] | balancing, endpoints and their outlier state, pools, connect with mTLS, send |
+//! | [`respond`] | every error the proxy answers itself, turned into a response in one place |
+//!
+//! Beside the path: [`state`] (the shared [`state::Proxy`], a leaf the others read),
+//! [`identity`] (the workload certificate, mTLS, the control-plane channel), [`source`]
+//! (config from a file or the control plane), [`telemetry`] (metrics, spans, OTLP export),
+//! [`admin`] (health, metrics, `/config_dump`), [`config`] (flags and environment),
+//! [`drain`] (graceful shutdown), [`app`] (build and run), [`init`] (a pod's iptables rules).
+//!
+//! **Layering.** Modules only use the ones below them in this order, which
+//! `tests/layers.rs` checks from the source: drain, proto, respond, telemetry, identity,
+//! upstream, stages, routing, config, state, pipeline, http, conn, source, admin, app, init.
+//!
+//! **Stages are plain async functions, not tower layers.** The request path is fixed and
+//! short; plain functions over one typed context ([`pipeline::Ctx`]) cost no boxed future and
+//! no per-request service stack, let the compiler inline across stages, and read top to
+//! bottom in one file. Per-route state (limiters, retry budgets, balancers) is built once per
+//! config snapshot, not per request.
 
 #![forbid(unsafe_code)]
 

@@ -11,7 +11,6 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use crate::app::Proxy;
 use crate::config::Mode;
 use crate::drain::Drain;
 use crate::http::{ConnInfo, Target};
@@ -19,6 +18,7 @@ use crate::identity::tls::{self, Carried};
 use crate::proto::detect::{self, DetectError, DetectLimits, Protocol};
 use crate::proto::rewind::Rewind;
 use crate::respond;
+use crate::state::Proxy;
 use crate::telemetry::metrics::Direction;
 
 /// What a listener is for.

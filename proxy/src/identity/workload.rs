@@ -17,9 +17,9 @@ use sidemesh_api::v1::identity_client::IdentityClient;
 use sidemesh_api::v1::{CertifyRequest, CertifyResponse};
 use tokio::sync::watch;
 
-use crate::app::Proxy;
 use crate::drain::Drain;
 use crate::identity::tls;
+use crate::telemetry::metrics::Metrics;
 
 /// Renew when this share of the lifetime has passed.
 const RENEW_AT: f64 = 0.7;
@@ -197,8 +197,8 @@ impl IdentityState {
 }
 
 /// Gets the first certificate, then renews it for as long as the proxy runs.
-pub async fn run(proxy: Arc<Proxy>, mut drain: Drain) {
-    let Some(source) = proxy.identity.source.clone() else {
+pub async fn run(identity: &IdentityState, metrics: &Metrics, mut drain: Drain) {
+    let Some(source) = identity.source.clone() else {
         return;
     };
     let mut failures = 0u32;
@@ -218,25 +218,25 @@ pub async fn run(proxy: Arc<Proxy>, mut drain: Drain) {
                     .unwrap_or_default()
                     .max(Duration::from_secs(1));
                 if let Ok(expiry) = credentials.not_after.duration_since(UNIX_EPOCH) {
-                    proxy.metrics.identity_expiry(expiry.as_secs());
+                    metrics.identity_expiry(expiry.as_secs());
                 }
-                let first = !proxy.identity.installed_any();
+                let first = !identity.installed_any();
                 tracing::info!(identity = %credentials.identity, renew_in = ?renew_in, serial = %credentials.serial, "{}", if first { "workload certificate installed" } else { "workload certificate renewed" });
-                proxy.identity.install(credentials);
+                identity.install(credentials);
                 if !first {
-                    proxy.metrics.identity_renewed(true);
+                    metrics.identity_renewed(true);
                 }
                 renew_in
             }
             Err(e) => {
                 failures += 1;
-                proxy.metrics.identity_renewed(false);
+                metrics.identity_renewed(false);
                 // Full jitter, 500 ms doubling to 30 s; never later than the expiry needs.
                 let ceiling = Duration::from_millis(500)
                     .saturating_mul(1 << failures.min(6))
                     .min(Duration::from_secs(30));
                 let wait = ceiling.mul_f64(fastrand::f64().max(0.1));
-                let left = proxy.identity.current().and_then(|c| {
+                let left = identity.current().and_then(|c| {
                     c.not_after
                         .duration_since(SystemTime::now())
                         .ok()
@@ -248,7 +248,7 @@ pub async fn run(proxy: Arc<Proxy>, mut drain: Drain) {
         };
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
-            () = proxy.identity.retry.notified() => {}
+            () = identity.retry.notified() => {}
             () = drain.signaled() => return,
         }
     }

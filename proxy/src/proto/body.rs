@@ -7,16 +7,6 @@ use http_body_util::{BodyExt, Empty, Full};
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
-/// The future every request stage returns: one concrete type, so stages compose without
-/// generic `Send` bounds.
-pub type ResponseFuture = std::pin::Pin<
-    Box<
-        dyn std::future::Future<Output = Result<http::Response<Body>, crate::respond::ProxyError>>
-            + Send
-            + 'static,
-    >,
->;
-
 pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }

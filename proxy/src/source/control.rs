@@ -15,9 +15,9 @@ use sidemesh_api::v1::{self, ProxyMessage};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::app::Proxy;
 use crate::drain::Drain;
 use crate::routing::snapshot::Snapshot;
+use crate::state::Proxy;
 
 const SNAPSHOT_FILE: &str = "last-snapshot.json";
 

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use sidemesh_config::Source;
 
-use crate::app::Proxy;
 use crate::drain::Drain;
 use crate::routing::snapshot::Snapshot;
+use crate::state::Proxy;
 
 /// A fingerprint of the files' names and contents.
 pub fn fingerprint(sources: &[Source]) -> u64 {

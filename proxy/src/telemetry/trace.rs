@@ -3,12 +3,9 @@
 //! - A server span per inbound request and a client span per outbound request, named
 //!   `METHOD route` with HTTP semantic-convention attributes and Sidemesh's own; a child span
 //!   per attempt when a route retries; events for rate-limited and denied requests.
-//! - Context comes from W3C `traceparent`/`tracestate`, else from B3 (single or multi header);
-//!   without either a trace starts here. What goes upstream carries this proxy's span.
+//! - Context comes from the caller's headers (`propagation`); without any a trace starts here.
 //! - Sampling is parent-based; new traces are kept at the config's ratio, which a push changes.
-//! - Export is OTLP (gRPC or HTTP/protobuf) from a bounded queue drained in batches by one
-//!   task: when the collector is slow or down, spans are dropped and counted; a request never
-//!   waits for telemetry.
+//! - Export (`export`) never makes a request wait: a bounded queue, drained in batches.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,33 +13,21 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use http::HeaderMap;
-use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{
-    SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, TraceState,
-    Tracer as _, TracerProvider as _,
+    SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, Tracer as _,
+    TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_http::{HeaderExtractor, HeaderInjector};
-use opentelemetry_otlp::{WithExportConfig, WithHttpConfig as _};
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{
-    Sampler, SdkTracer, SdkTracerProvider, SpanData, SpanExporter as _, SpanProcessor,
-};
-use prometheus_client::metrics::counter::Counter;
+use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 use sidemesh_config::OtlpProtocol;
 use tokio::sync::mpsc;
 
+use super::export;
+pub use super::export::Counters;
+pub use super::propagation::extract;
+use super::propagation::inject;
 use crate::telemetry::metrics::Direction;
-
-/// Spans waiting for export; beyond this they are dropped (and counted).
-const QUEUE: usize = 4096;
-/// Spans per export call.
-const BATCH: usize = 512;
-/// A batch waits at most this long to fill.
-const BATCH_DELAY: Duration = Duration::from_millis(500);
-const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Who this proxy is, for the spans' resource.
 #[derive(Debug, Clone)]
@@ -50,14 +35,6 @@ pub struct Workload {
     pub service: String,
     pub namespace: String,
     pub pod: String,
-}
-
-/// Export counters, shared with `/metrics`.
-#[derive(Debug, Clone, Default)]
-pub struct Counters {
-    pub exported: Counter,
-    pub dropped_queue_full: Counter,
-    pub dropped_export_failed: Counter,
 }
 
 /// The tracing state: a tracer while a collector is configured.
@@ -137,28 +114,7 @@ impl Tracing {
     }
 
     fn start(&self, endpoint: &str, protocol: OtlpProtocol) -> Result<Active, String> {
-        let mut exporter = match protocol {
-            OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(endpoint)
-                .with_timeout(EXPORT_TIMEOUT)
-                .build(),
-            OtlpProtocol::HttpProtobuf => {
-                let url = if endpoint.trim_end_matches('/').matches('/').count() <= 2 {
-                    format!("{}/v1/traces", endpoint.trim_end_matches('/'))
-                } else {
-                    endpoint.to_string()
-                };
-                opentelemetry_otlp::SpanExporter::builder()
-                    .with_http()
-                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                    .with_endpoint(url)
-                    .with_timeout(EXPORT_TIMEOUT)
-                    .with_headers(Default::default())
-                    .build()
-            }
-        }
-        .map_err(|e| e.to_string())?;
+        let mut exporter = export::exporter(endpoint, protocol)?;
         let resource = Resource::builder()
             .with_service_name(self.workload.service.clone())
             .with_attributes([
@@ -169,17 +125,12 @@ impl Tracing {
             ])
             .build();
         opentelemetry_sdk::trace::SpanExporter::set_resource(&mut exporter, &resource);
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let (flush, flushes) = mpsc::channel(1);
-        tokio::spawn(export_loop(exporter, rx, flushes, self.counters.clone()));
+        let (queue, flush) = export::spawn(exporter, self.counters.clone());
         let provider = SdkTracerProvider::builder()
             // The ratio is applied before spans are built (`start_request`); what reaches the
             // SDK is kept unless its parent was not.
             .with_sampler(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)))
-            .with_span_processor(Queue {
-                tx,
-                dropped: self.counters.dropped_queue_full.clone(),
-            })
+            .with_span_processor(queue)
             .with_resource(resource)
             .build();
         let tracer = provider.tracer("sidemesh-proxy");
@@ -415,311 +366,9 @@ fn hostname() -> String {
         .unwrap_or_default()
 }
 
-/// Writes `cx` as `traceparent` (and `tracestate` only when it has entries). A caller's B3
-/// headers are rewritten to the same span, so an application that reads either format sees
-/// one parent, not two that disagree.
-fn inject(cx: &Context, headers: &mut HeaderMap) {
-    TraceContextPropagator::new().inject_context(cx, &mut HeaderInjector(headers));
-    if headers.get("tracestate").is_some_and(|v| v.is_empty()) {
-        headers.remove("tracestate");
-    }
-    let sc = cx.span().span_context().clone();
-    if !sc.is_valid() {
-        return;
-    }
-    let (trace, span) = (sc.trace_id().to_string(), sc.span_id().to_string());
-    let sampled = if sc.is_sampled() { "1" } else { "0" };
-    let set = |headers: &mut HeaderMap, name: &'static str, value: String| {
-        if let Ok(v) = http::HeaderValue::from_str(&value) {
-            headers.insert(name, v);
-        }
-    };
-    if headers.contains_key("b3") {
-        set(headers, "b3", format!("{trace}-{span}-{sampled}"));
-    }
-    if headers.contains_key("x-b3-traceid") || headers.contains_key("x-b3-spanid") {
-        set(headers, "x-b3-traceid", trace);
-        set(headers, "x-b3-spanid", span);
-        set(headers, "x-b3-sampled", sampled.to_string());
-        headers.remove("x-b3-parentspanid");
-        headers.remove("x-b3-flags");
-    }
-}
-
-/// The caller's trace: W3C first, then B3 (single header, then multi header).
-pub fn extract(headers: &HeaderMap) -> Context {
-    if headers.contains_key("traceparent") {
-        return TraceContextPropagator::new().extract(&HeaderExtractor(headers));
-    }
-    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let b3 = match text("b3") {
-        Some(single) => parse_b3_single(single),
-        None => parse_b3_multi(
-            text("x-b3-traceid"),
-            text("x-b3-spanid"),
-            text("x-b3-sampled"),
-            text("x-b3-flags"),
-        ),
-    };
-    match b3 {
-        Some(sc) => Context::new().with_remote_span_context(sc),
-        None => Context::new(),
-    }
-}
-
-/// `{trace}-{span}[-{sampled}[-{parent}]]`; a 64-bit trace id is left-padded.
-fn parse_b3_single(value: &str) -> Option<SpanContext> {
-    let mut parts = value.split('-');
-    let trace = parts.next()?;
-    let span = parts.next()?;
-    let sampled = parts.next();
-    b3_context(trace, span, sampled, None)
-}
-
-fn parse_b3_multi(
-    trace: Option<&str>,
-    span: Option<&str>,
-    sampled: Option<&str>,
-    flags: Option<&str>,
-) -> Option<SpanContext> {
-    b3_context(trace?, span?, sampled, flags)
-}
-
-fn b3_context(
-    trace: &str,
-    span: &str,
-    sampled: Option<&str>,
-    flags: Option<&str>,
-) -> Option<SpanContext> {
-    if !(trace.len() == 16 || trace.len() == 32) || span.len() != 16 {
-        return None;
-    }
-    let trace_id = TraceId::from_hex(&format!("{trace:0>32}")).ok()?;
-    let span_id = SpanId::from_hex(span).ok()?;
-    if trace_id == TraceId::INVALID || span_id == SpanId::INVALID {
-        return None;
-    }
-    // `d` (debug) and `1` sample; `0` does not; absent defers (we sample: the ratio applies
-    // only to traces that start here).
-    let sampled = flags == Some("1") || !matches!(sampled, Some("0") | Some("false"));
-    let flags = if sampled {
-        TraceFlags::SAMPLED
-    } else {
-        TraceFlags::default()
-    };
-    Some(SpanContext::new(
-        trace_id,
-        span_id,
-        flags,
-        true,
-        TraceState::default(),
-    ))
-}
-
-/// Hands finished spans to the export task without ever waiting.
-#[derive(Debug)]
-struct Queue {
-    tx: mpsc::Sender<SpanData>,
-    dropped: Counter,
-}
-
-impl SpanProcessor for Queue {
-    fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &Context) {}
-
-    fn on_end(&self, span: SpanData) {
-        if !span.span_context.is_sampled() {
-            return;
-        }
-        if self.tx.try_send(span).is_err() {
-            self.dropped.inc();
-        }
-    }
-
-    fn force_flush(&self) -> OTelSdkResult {
-        Ok(())
-    }
-
-    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
-        Ok(())
-    }
-}
-
-/// Batches spans from the queue and exports them; a failed export drops its batch. A flush
-/// request sends what is queued at once.
-async fn export_loop(
-    exporter: opentelemetry_otlp::SpanExporter,
-    mut rx: mpsc::Receiver<SpanData>,
-    mut flushes: mpsc::Receiver<tokio::sync::oneshot::Sender<()>>,
-    counters: Counters,
-) {
-    let mut last_warning: Option<tokio::time::Instant> = None;
-    let mut flushes_open = true;
-    loop {
-        let (first, flush) = tokio::select! {
-            span = rx.recv() => match span {
-                Some(span) => (Some(span), None),
-                None => return,
-            },
-            asked = flushes.recv(), if flushes_open => match asked {
-                Some(done) => (None, Some(done)),
-                None => {
-                    flushes_open = false;
-                    continue;
-                }
-            },
-        };
-        let mut batch = Vec::with_capacity(BATCH);
-        batch.extend(first);
-        if flush.is_some() {
-            while let Ok(span) = rx.try_recv() {
-                batch.push(span);
-            }
-        } else {
-            let deadline = tokio::time::Instant::now() + BATCH_DELAY;
-            while batch.len() < BATCH {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(span)) => batch.push(span),
-                    Ok(None) | Err(_) => break,
-                }
-            }
-        }
-        // Exported in batches of at most BATCH, a flush's too.
-        while !batch.is_empty() {
-            let rest = batch.split_off(batch.len().min(BATCH));
-            export(
-                &exporter,
-                std::mem::replace(&mut batch, rest),
-                &counters,
-                &mut last_warning,
-            )
-            .await;
-        }
-        if let Some(done) = flush {
-            let _ = done.send(());
-        }
-    }
-}
-
-async fn export(
-    exporter: &opentelemetry_otlp::SpanExporter,
-    batch: Vec<SpanData>,
-    counters: &Counters,
-    last_warning: &mut Option<tokio::time::Instant>,
-) {
-    let n = batch.len() as u64;
-    let result = tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(batch)).await;
-    match result {
-        Ok(Ok(())) => {
-            counters.exported.inc_by(n);
-        }
-        failed => {
-            counters.dropped_export_failed.inc_by(n);
-            let why = match failed {
-                Ok(Err(e)) => e.to_string(),
-                _ => format!("no answer within {EXPORT_TIMEOUT:?}"),
-            };
-            // One warning per minute at most: a collector that is down must not flood logs.
-            if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
-                tracing::warn!(spans = n, error = %why, "span export failed; dropping the batch");
-                *last_warning = Some(tokio::time::Instant::now());
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn injected_context_rewrites_b3_to_the_same_span_and_adds_no_empty_tracestate() {
-        let mut incoming = HeaderMap::new();
-        incoming.insert(
-            "b3",
-            "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1"
-                .parse()
-                .expect("value"),
-        );
-        incoming.insert(
-            "x-b3-traceid",
-            "80f198ee56343ba864fe8b2a57d3eff7".parse().expect("value"),
-        );
-        incoming.insert("x-b3-spanid", "e457b5a2e4d86bd1".parse().expect("value"));
-        incoming.insert(
-            "x-b3-parentspanid",
-            "05e3ac9a4f6e3b90".parse().expect("value"),
-        );
-        // The proxy's own span: same trace, a new span id.
-        let ours = SpanContext::new(
-            TraceId::from_hex("80f198ee56343ba864fe8b2a57d3eff7").expect("hex"),
-            SpanId::from_hex("1111111111111111").expect("hex"),
-            TraceFlags::SAMPLED,
-            false,
-            TraceState::default(),
-        );
-        let cx = Context::new().with_remote_span_context(ours);
-        let mut h = incoming.clone();
-        inject(&cx, &mut h);
-        assert_eq!(
-            h["traceparent"],
-            "00-80f198ee56343ba864fe8b2a57d3eff7-1111111111111111-01"
-        );
-        assert!(!h.contains_key("tracestate"), "{h:?}");
-        assert_eq!(
-            h["b3"],
-            "80f198ee56343ba864fe8b2a57d3eff7-1111111111111111-1"
-        );
-        assert_eq!(h["x-b3-spanid"], "1111111111111111");
-        assert_eq!(h["x-b3-sampled"], "1");
-        assert!(!h.contains_key("x-b3-parentspanid"));
-    }
-
-    #[test]
-    fn b3_single_and_multi_headers_continue_the_trace() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            "b3",
-            "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90"
-                .parse()
-                .expect("value"),
-        );
-        let cx = extract(&h);
-        let sc = cx.span().span_context().clone();
-        assert_eq!(
-            sc.trace_id().to_string(),
-            "80f198ee56343ba864fe8b2a57d3eff7"
-        );
-        assert_eq!(sc.span_id().to_string(), "e457b5a2e4d86bd1");
-        assert!(sc.is_sampled() && sc.is_remote());
-
-        let mut h = HeaderMap::new();
-        h.insert("x-b3-traceid", "64fe8b2a57d3eff7".parse().expect("value"));
-        h.insert("x-b3-spanid", "05e3ac9a4f6e3b90".parse().expect("value"));
-        h.insert("x-b3-sampled", "0".parse().expect("value"));
-        let sc = extract(&h).span().span_context().clone();
-        assert_eq!(
-            sc.trace_id().to_string(),
-            "000000000000000064fe8b2a57d3eff7"
-        );
-        assert!(!sc.is_sampled());
-
-        // W3C wins when both are present.
-        h.insert(
-            "traceparent",
-            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-                .parse()
-                .expect("value"),
-        );
-        let sc = extract(&h).span().span_context().clone();
-        assert_eq!(
-            sc.trace_id().to_string(),
-            "0af7651916cd43dd8448eb211c80319c"
-        );
-
-        let mut h = HeaderMap::new();
-        h.insert("b3", "not-a-trace".parse().expect("value"));
-        assert!(!extract(&h).span().span_context().is_valid());
-    }
 
     #[test]
     fn the_ratio_keeps_a_share_of_new_traces() {
