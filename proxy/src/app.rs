@@ -299,6 +299,7 @@ pub async fn build(args: Args) -> Result<App, StartError> {
                 max_bytes: args.limits.max_response_header_bytes,
                 max_headers: args.limits.max_response_headers,
             },
+            mux: args.http1_multiplex,
         },
         limits: args.limits,
         timeouts: args.timeouts,

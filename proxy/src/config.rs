@@ -11,6 +11,7 @@ use serde::Serialize;
 pub const ENV_CONFIG: &str = "SIDEMESH_CONFIG";
 pub const ENV_SERVICE: &str = "SIDEMESH_SERVICE";
 pub const ENV_MODE: &str = "SIDEMESH_MODE";
+pub const ENV_HTTP1_MULTIPLEX: &str = "SIDEMESH_HTTP1_MULTIPLEX";
 pub const ENV_OUTBOUND_ADDR: &str = "SIDEMESH_OUTBOUND_ADDR";
 pub const ENV_INBOUND_ADDR: &str = "SIDEMESH_INBOUND_ADDR";
 pub const ENV_ADMIN_ADDR: &str = "SIDEMESH_ADMIN_ADDR";
@@ -131,6 +132,11 @@ pub struct Args {
     /// default is small; raise it for proxies that carry a lot.
     #[arg(long, env = ENV_WORKER_THREADS, default_value_t = 1)]
     pub worker_threads: usize,
+    /// Carry HTTP/1.x requests to meshed peers as streams of one HTTP/2 connection per
+    /// endpoint, and accept them so from peers (ALPN `sidemesh-h2`); `false` speaks only what
+    /// proxies before this did: a TLS connection per concurrent HTTP/1.x request.
+    #[arg(long, env = ENV_HTTP1_MULTIPLEX, default_value_t = true, action = clap::ArgAction::Set)]
+    pub http1_multiplex: bool,
     #[command(flatten)]
     pub limits: Limits,
     #[command(flatten)]
@@ -353,6 +359,7 @@ impl Args {
             app_probes: AppProbes::new(),
             log_format: "json".into(),
             worker_threads: 1,
+            http1_multiplex: true,
             limits: Limits::default(),
             timeouts: Timeouts::default(),
         }

@@ -184,6 +184,7 @@ async fn inbound_tls(
         io,
         credentials.as_deref().map(|c| &c.tls),
         proxy.timeouts.header,
+        proxy.pool.mux,
     )
     .await;
     match accepted {
@@ -194,7 +195,7 @@ async fn inbound_tls(
         }) => {
             let protocol = match carried {
                 Carried::Http1 => Protocol::Http1,
-                Carried::Http2 => Protocol::Http2,
+                Carried::Http2 | Carried::Mux => Protocol::Http2,
                 Carried::Opaque => Protocol::Opaque,
             };
             let _open =
@@ -211,8 +212,9 @@ async fn inbound_tls(
                 }
             }
             let conn = ConnInfo::new(peer, Direction::Inbound, target, Some(identity), &proxy);
-            match protocol {
-                Protocol::Opaque => opaque(stream, conn, &proxy).await,
+            match (protocol, carried) {
+                (Protocol::Opaque, _) => opaque(stream, conn, &proxy).await,
+                (_, Carried::Mux) => crate::http::mux::serve(stream, conn, proxy, drain).await,
                 _ => crate::http::serve(stream, protocol, conn, proxy, drain).await,
             }
         }

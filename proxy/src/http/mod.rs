@@ -10,6 +10,7 @@ use crate::telemetry::metrics::Direction;
 use crate::upstream::endpoint::Endpoint;
 
 mod handler;
+pub mod mux;
 mod serve;
 
 pub use serve::serve;

@@ -31,6 +31,9 @@ use tokio_rustls::{LazyConfigAcceptor, TlsConnector};
 /// ALPN id a peer proxy adds to its offer, so the inbound side can tell it from an ordinary
 /// TLS client. Alone, it means the connection carries opaque TCP.
 pub const ALPN_MESH: &[u8] = b"sidemesh";
+/// ALPN id of HTTP/1.x multiplexed over HTTP/2 between proxies (`proto::mux`). A calling
+/// proxy offers it before `http/1.1`; a peer that does not know it picks `http/1.1`.
+pub const ALPN_MUX: &[u8] = b"sidemesh-h2";
 const ALPN_H2: &[u8] = b"h2";
 const ALPN_H1: &[u8] = b"http/1.1";
 
@@ -39,6 +42,8 @@ const ALPN_H1: &[u8] = b"http/1.1";
 pub enum Carried {
     Http1,
     Http2,
+    /// HTTP/1.x requests as streams of one HTTP/2 connection (`proto::mux`).
+    Mux,
     Opaque,
 }
 
@@ -47,6 +52,7 @@ impl Carried {
         match self {
             Carried::Http1 => vec![ALPN_H1.to_vec(), ALPN_MESH.to_vec()],
             Carried::Http2 => vec![ALPN_H2.to_vec(), ALPN_MESH.to_vec()],
+            Carried::Mux => vec![ALPN_MUX.to_vec(), ALPN_H1.to_vec(), ALPN_MESH.to_vec()],
             Carried::Opaque => vec![ALPN_MESH.to_vec()],
         }
     }
@@ -55,6 +61,7 @@ impl Carried {
         match alpn {
             Some(ALPN_H2) => Carried::Http2,
             Some(ALPN_H1) => Carried::Http1,
+            Some(ALPN_MUX) => Carried::Mux,
             _ => Carried::Opaque,
         }
     }
@@ -107,6 +114,8 @@ type ClientKey = (Arc<str>, Carried);
 /// The TLS settings made from one workload certificate. A renewal builds new ones.
 pub struct Configs {
     pub server: Arc<ServerConfig>,
+    /// The same, offering `sidemesh-h2` first (a proxy that multiplexes HTTP/1.x).
+    pub server_mux: Arc<ServerConfig>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     roots: Arc<RootCertStore>,
@@ -139,8 +148,13 @@ impl Configs {
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain.clone(), key.clone_key())?;
         server.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_H1.to_vec(), ALPN_MESH.to_vec()];
+        // The server picks the first of its own protocols the client offers: a proxy that
+        // multiplexes prefers `sidemesh-h2` to the `http/1.1` offered beside it.
+        let mut server_mux = server.clone();
+        server_mux.alpn_protocols.insert(0, ALPN_MUX.to_vec());
         Ok(Self {
             server: Arc::new(server),
+            server_mux: Arc::new(server_mux),
             chain,
             key,
             roots,
@@ -310,10 +324,12 @@ impl<IO> std::fmt::Debug for Accepted<IO> {
 
 /// Reads the ClientHello, then finishes the mesh handshake for peer proxies. `configs` is
 /// `None` while this proxy has no certificate: peers are refused, foreign clients are not.
+/// `mux`: accept HTTP/1.x multiplexed over HTTP/2 from peers that offer it.
 pub async fn accept<IO>(
     io: IO,
     configs: Option<&Configs>,
     timeout: Duration,
+    mux: bool,
 ) -> io::Result<Accepted<IO>>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
@@ -346,7 +362,12 @@ where
             "a peer proxy connected before this proxy has its workload certificate",
         ));
     };
-    let mut stream = tokio::time::timeout_at(deadline, start.into_stream(configs.server.clone()))
+    let server = if mux {
+        &configs.server_mux
+    } else {
+        &configs.server
+    };
+    let mut stream = tokio::time::timeout_at(deadline, start.into_stream(server.clone()))
         .await
         .map_err(|_| timed_out())??;
     let (recorder, connection) = stream.get_mut();
@@ -443,6 +464,16 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Recorder<IO> {
 pub enum MaybeTls<IO> {
     Plain(IO),
     Tls(Box<tokio_rustls::client::TlsStream<IO>>),
+}
+
+impl<IO> MaybeTls<IO> {
+    /// What the peer agreed the connection carries (mesh TLS only).
+    pub fn carried(&self) -> Option<Carried> {
+        match self {
+            MaybeTls::Plain(_) => None,
+            MaybeTls::Tls(tls) => Some(Carried::from_alpn(tls.get_ref().1.alpn_protocol())),
+        }
+    }
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncRead for MaybeTls<IO> {

@@ -22,6 +22,7 @@ use crate::identity::workload::Credentials;
 use crate::proto::body::Body;
 use crate::proto::h1;
 use crate::respond::ProxyError;
+use crate::upstream::mux::{MuxPool, Opened, Sent};
 
 /// When consecutive failures eject an endpoint, and for how long.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -39,6 +40,8 @@ pub struct PoolConfig {
     pub max_idle: usize,
     /// Bounds on upstream HTTP/1 response heads.
     pub response_limits: crate::proto::h1::head::HeadLimits,
+    /// HTTP/1.x to meshed peers multiplexed over HTTP/2 (`proto::mux`), and accepted so.
+    pub mux: bool,
 }
 
 #[derive(Debug)]
@@ -53,6 +56,8 @@ pub struct Endpoint {
     ejections: AtomicU32,
     h1_idle: Mutex<Vec<(h1::client::Conn, Instant)>>,
     h2: tokio::sync::Mutex<Option<http2::SendRequest<Body>>>,
+    /// HTTP/1.x multiplexed over HTTP/2 to a meshed peer.
+    mux: MuxPool,
     pub connects: AtomicU64,
     pub connect_failures: AtomicU64,
 }
@@ -97,6 +102,7 @@ impl Endpoint {
             ejections: AtomicU32::new(0),
             h1_idle: Mutex::new(Vec::new()),
             h2: tokio::sync::Mutex::new(None),
+            mux: MuxPool::default(),
             connects: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
         }
@@ -223,9 +229,36 @@ impl Endpoint {
         let cfg = h1::client::Config {
             limits: pool.response_limits,
         };
-        let (conn, reused) = match self.checkout_h1(pool) {
-            Some(conn) => (conn, true),
-            None => (self.connect_h1(pool, tls).await?, false),
+        let mut fresh = None;
+        let req = match tls {
+            Some(credentials) if pool.mux && self.identity.is_some() => {
+                let connect = || async move {
+                    let io = self.connect(pool, Some(credentials), Carried::Mux).await?;
+                    Ok(match io.inner().carried() {
+                        Some(Carried::Mux) => Opened::Mux(io.into_inner()),
+                        _ => Opened::Http1(h1::client::Conn::new(Box::new(io.into_inner()))),
+                    })
+                };
+                match self
+                    .mux
+                    .send(self.addr, pool.idle_timeout, req, connect)
+                    .await
+                {
+                    Sent::Done(result) => return result,
+                    Sent::Declined(req, conn) => {
+                        fresh = conn;
+                        req
+                    }
+                }
+            }
+            _ => req,
+        };
+        let (conn, reused) = match fresh {
+            Some(conn) => (conn, false),
+            None => match self.checkout_h1(pool) {
+                Some(conn) => (conn, true),
+                None => (self.connect_h1(pool, tls).await?, false),
+            },
         };
         // An idle connection the upstream closed at the same moment fails before any answer:
         // a request without a body is then sent again on a new connection.
@@ -384,6 +417,8 @@ pub struct EndpointState {
     pub ejected: bool,
     pub connects: u64,
     pub connect_failures: u64,
+    /// Open HTTP/2 connections carrying this endpoint's HTTP/1.x requests (`proto::mux`).
+    pub multiplexed_connections: usize,
 }
 
 /// An endpoint is its address and, when meshed, the identity its proxy must present.
@@ -447,6 +482,7 @@ impl Registry {
                 ejected: ep.is_ejected(),
                 connects: ep.connects.load(Ordering::Relaxed),
                 connect_failures: ep.connect_failures.load(Ordering::Relaxed),
+                multiplexed_connections: ep.mux.open_connections(),
             })
             .collect();
         states.sort_by_key(|s| s.addr);

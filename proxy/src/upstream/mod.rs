@@ -4,3 +4,4 @@
 pub mod balance;
 pub mod endpoint;
 pub mod forward;
+pub mod mux;

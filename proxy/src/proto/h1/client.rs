@@ -141,6 +141,7 @@ async fn exchange(
     parts.headers.remove(header::TRANSFER_ENCODING);
     let framing = match super::content_length(&parts.headers) {
         Ok(Some(n)) => Framing::Length(n),
+        _ if parts.extensions.get::<super::Chunked>().is_some() => Framing::Chunked,
         _ if body.is_end_stream() => Framing::Empty,
         // An HTTP/1.0 upstream request has a length or no body: the server refuses chunked.
         _ => Framing::Chunked,

@@ -32,6 +32,11 @@ use crate::proto::rewind::Rewind;
 #[derive(Debug, Clone)]
 pub struct RawTarget(pub Bytes);
 
+/// The request's body came chunked: an upstream gets it chunked too, even when it turns out
+/// to be empty (in the request's extensions).
+#[derive(Debug, Clone, Copy)]
+pub struct Chunked;
+
 /// An upstream's reason phrase, passed on when it is not the standard one.
 #[derive(Debug, Clone)]
 pub struct Reason(pub Bytes);

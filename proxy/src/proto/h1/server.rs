@@ -304,6 +304,9 @@ fn admit(head: RequestHead) -> Result<Admitted, Refusal> {
     *request.version_mut() = version;
     *request.headers_mut() = headers;
     request.extensions_mut().insert(RawTarget(target));
+    if framing == Framing::Chunked {
+        request.extensions_mut().insert(super::Chunked);
+    }
     let (parts, ()) = request.into_parts();
     Ok(Admitted {
         parts,
