@@ -54,6 +54,20 @@ pub const MAX_STREAMS: u32 = 256;
 /// A stream's reset is kept this long to recognise late frames for it.
 pub const RESET_KEEP: Duration = Duration::from_secs(1);
 
+/// HTTP/2 carries no connection-specific fields (RFC 9113 section 8.2.2). Hop-by-hop
+/// stripping removed them already on both sides; this keeps every stream legal.
+fn strip_connection_fields(headers: &mut HeaderMap) {
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(name);
+    }
+}
+
 /// A request head that cannot be carried (it should not happen: the HTTP/1 server admitted
 /// it), or a carried one that cannot be restored.
 #[derive(Debug, thiserror::Error)]
@@ -61,11 +75,11 @@ pub const RESET_KEEP: Duration = Duration::from_secs(1);
 pub struct CodecError(pub &'static str);
 
 /// The calling side: an HTTP/1.x request (as `headers::for_upstream` left it) into the head
-/// of an HTTP/2 stream. `fallback_authority` names the endpoint when the request has no
-/// `Host`.
+/// of an HTTP/2 stream. The endpoint's address is the authority when the request has no
+/// `Host` (HTTP/2 needs one; the receiving proxy does not pass it on).
 pub fn encode_request(
     parts: http::request::Parts,
-    fallback_authority: &str,
+    endpoint: std::net::SocketAddr,
 ) -> Result<Request<()>, CodecError> {
     let http::request::Parts {
         method,
@@ -100,21 +114,14 @@ pub fn encode_request(
         }
     }
     headers.insert(ORIG_PROTO, h1::value(&mark));
-    // HTTP/2 carries no connection-specific fields (RFC 9113 section 8.2.2); the HTTP/1
-    // server's hop-by-hop stripping removed them already, this keeps the stream legal.
-    for name in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-    ] {
-        headers.remove(name);
-    }
-    let authority = host
-        .as_deref()
-        .filter(|h| h.parse::<http::uri::Authority>().is_ok())
-        .unwrap_or(fallback_authority);
+    strip_connection_fields(&mut headers);
+    let authority = match host.and_then(|h| h.parse::<http::uri::Authority>().ok()) {
+        Some(authority) => authority,
+        None => endpoint
+            .to_string()
+            .parse()
+            .map_err(|_| CodecError("no valid authority for the stream"))?,
+    };
     let uri = http::Uri::builder()
         .scheme("http")
         .authority(authority)
@@ -179,15 +186,7 @@ pub fn encode_response(parts: &mut http::response::Parts) {
             parts.headers.insert(ORIG_REASON, value);
         }
     }
-    for name in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-    ] {
-        parts.headers.remove(name);
-    }
+    strip_connection_fields(&mut parts.headers);
     parts.version = Version::HTTP_2;
 }
 
@@ -357,6 +356,7 @@ pub fn informational(status: http::StatusCode, headers: HeaderMap) -> Response<(
 mod tests {
     use super::*;
     use http::Method;
+    use std::net::SocketAddr;
 
     fn h1_request(target: &str, version: Version, host: Option<&str>) -> http::request::Parts {
         let mut req = Request::new(());
@@ -376,7 +376,7 @@ mod tests {
     }
 
     fn round_trip(parts: http::request::Parts) -> http::request::Parts {
-        let head = encode_request(parts, "10.0.0.1:8080").expect("encodes");
+        let head = encode_request(parts, SocketAddr::from(([10, 0, 0, 1], 8080))).expect("encodes");
         assert_eq!(head.version(), Version::HTTP_2);
         assert!(head.uri().scheme().is_some() && head.uri().authority().is_some());
         let (mut parts, ()) = head.into_parts();

@@ -256,7 +256,7 @@ async fn send_on(
     let interim = req.extensions().get::<Interim>().cloned();
     let (parts, body) = req.into_parts();
     let end = http_body::Body::is_end_stream(&body);
-    let head = match mux::encode_request(parts, &endpoint.to_string()) {
+    let head = match mux::encode_request(parts, endpoint) {
         Ok(head) => head,
         Err(e) => {
             return Err(ProxyError::BadRequest { why: e.to_string() });
