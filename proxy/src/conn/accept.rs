@@ -198,10 +198,15 @@ async fn inbound_tls(
                 Carried::Http2 | Carried::Mux => Protocol::Http2,
                 Carried::Opaque => Protocol::Opaque,
             };
-            let _open =
-                proxy
-                    .metrics
-                    .connection_opened(Direction::Inbound, protocol_name(protocol), true);
+            // A multiplexed connection carries HTTP/1.x requests: it counts as the protocol the
+            // applications speak, as the connection per request it replaces did.
+            let label = match carried {
+                Carried::Mux => "http1",
+                _ => protocol_name(protocol),
+            };
+            let _open = proxy
+                .metrics
+                .connection_opened(Direction::Inbound, label, true);
             if protocol == Protocol::Opaque {
                 // Opaque bytes skip the HTTP handler: authorize the connection here, and never
                 // splice raw bytes to an HTTP port (they could carry a forged identity header).
