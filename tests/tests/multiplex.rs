@@ -177,8 +177,7 @@ async fn app() -> SocketAddr {
     addr
 }
 
-/// Reads from `stream` until `want` has arrived (after `from` bytes of `seen`), for at most
-/// 10 s.
+/// Reads from `stream` into `seen` until `want` is somewhere in `seen`, for at most 10 s.
 async fn read_until(stream: &mut TcpStream, seen: &mut Vec<u8>, want: &[u8]) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut buf = [0u8; 16 << 10];
@@ -359,6 +358,62 @@ async fn a_broken_shared_connection_is_a_502_and_the_mesh_recovers() {
     .await;
     assert_eq!(resp.body, "ok");
     assert_eq!(pair.endpoint().await.1, 1, "multiplexed to the new proxy");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upgrade_keeps_a_connection_of_its_own() {
+    let pair = Pair::start(app().await, &[], &[]).await;
+    let resp = http(Method::GET, &pair.url("/before"), None, &[])
+        .await
+        .expect("answer");
+    assert_eq!(resp.status, StatusCode::OK, "{}", resp.body);
+    assert_eq!(
+        pair.endpoint().await,
+        (1, 1),
+        "the shared connection is open"
+    );
+
+    let mut ws = TcpStream::connect(pair.entry()).await.expect("connect");
+    ws.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut seen = Vec::new();
+    read_until(&mut ws, &mut seen, b"\r\n\r\n").await;
+    let head_end = seen
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("head")
+        + 4;
+    let head = String::from_utf8_lossy(&seen[..head_end]).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101 "), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    // Bytes after the 101 go both ways on the upgraded connection.
+    let mut after = seen.split_off(head_end);
+    for i in 1..=3 {
+        let piece = format!("frame-{i}");
+        ws.write_all(piece.as_bytes()).await.expect("write");
+        read_until(&mut ws, &mut after, piece.as_bytes()).await;
+    }
+    // The upgrade opened a TLS connection of its own; ordinary requests stay on the shared one.
+    assert_eq!(
+        pair.endpoint().await,
+        (2, 1),
+        "the upgrade went on its own connection, not as a stream"
+    );
+    let resp = http(Method::GET, &pair.url("/beside"), None, &[])
+        .await
+        .expect("answer");
+    assert_eq!(resp.status, StatusCode::OK, "{}", resp.body);
+    assert_eq!(pair.endpoint().await, (2, 1));
+    ws.write_all(b"frame-4").await.expect("write");
+    read_until(&mut ws, &mut after, b"frame-4").await;
+    assert_eq!(
+        String::from_utf8_lossy(&after),
+        "frame-1frame-2frame-3frame-4",
+        "the upgraded bytes came back once each, in order"
+    );
 }
 
 /// The requests of the interop check, and what the app and client must see.
