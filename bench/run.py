@@ -37,6 +37,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.join(ROOT, "target", "release")
 LOAD_CORE, SERVER_CORE = "0", "1"
 CLK = os.sysconf("SC_CLK_TCK")
+# The profile (bench/cost_profile.py) runs the proxies under a tool: WRAP(name, args) -> args.
+WRAP = None
 
 
 def free_port():
@@ -135,6 +137,8 @@ class Procs:
     def start(self, args, env=None, name="proc"):
         log = open(os.path.join(self.tmp, f"{name}.log"), "ab")
         full_env = dict(os.environ, RUST_LOG="warn", **(env or {}))
+        if WRAP and name.startswith("proxy-"):
+            args = WRAP(name, args)
         p = subprocess.Popen(["taskset", "-c", SERVER_CORE] + args, stdout=log, stderr=log, env=full_env,
                              preexec_fn=raise_nofile)
         self.procs.append(p)
@@ -1020,12 +1024,20 @@ def main():
     ap.add_argument("--idle", type=int, default=10000)
     ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
     ap.add_argument("--grpc-requests", type=int, default=40000)
-    ap.add_argument("--only", choices=["suite", "data-plane", "control-plane", "policies", "mtls", "tracing"],
+    ap.add_argument("--only", choices=["suite", "data-plane", "control-plane", "policies", "mtls", "tracing",
+                                       "profile"],
                     help="one section (default: the suite, the report's main section)")
     ap.add_argument("--all", action="store_true", help="every section, the suite first")
     ap.add_argument("--cp-proxies", default="1000,10000")
     ap.add_argument("--cp-changes", type=int, default=5)
+    ap.add_argument("--before", help="profile: also profile the binaries in this folder (an earlier build)")
+    ap.add_argument("--requests", type=int, default=50000, help="profile: requests counted for syscalls")
+    ap.add_argument("--cg-requests", type=int, default=5000, help="profile: requests counted under callgrind")
     args = ap.parse_args()
+    if args.only == "profile":
+        import cost_profile  # bench/cost_profile.py
+        cost_profile.profile(args)
+        return
     if args.all:
         for section in (suite, data_plane, control_plane, policies, mtls, tracing):
             section(args)

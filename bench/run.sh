@@ -9,6 +9,9 @@
 #   bench/run.sh --rounds 5      # more rounds, tighter spread
 #   bench/run.sh --only mtls     # one other section (data-plane, control-plane, policies, mtls, tracing)
 #   bench/run.sh --all           # every section
+#   bench/run.sh --only profile [--before DIR]
+#                                # instructions (callgrind) and syscalls (perf trace) per request of
+#                                # the Sidemesh pairs; DIR: an earlier build's target/release, beside
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +22,8 @@ command -v wrk >/dev/null || missing+=(wrk)
 command -v h2load >/dev/null || missing+=(nghttp2-client)
 command -v taskset >/dev/null || missing+=(util-linux)
 command -v openssl >/dev/null || missing+=(openssl)
+command -v valgrind >/dev/null || missing+=(valgrind)
+command -v perf >/dev/null || missing+=(linux-perf)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd=sudo
   $sudo_cmd apt-get update -qq

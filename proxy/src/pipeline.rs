@@ -88,10 +88,12 @@ pub async fn run(
     let attempts = async {
         match route.and_then(|r| r.retry.as_deref()) {
             // 7. Retriable failures are sent again, within the budget.
+            // Boxed: the attempts (and their backoff) would make every request's future
+            // larger, retried route or not.
             Some(state) => {
-                retry::run(state, ctx.attempt_parent.as_ref(), req, |req| {
+                Box::pin(retry::run(state, ctx.attempt_parent.as_ref(), req, |req| {
                     send(proxy, &ctx.destination, req)
-                })
+                }))
                 .await
             }
             None => send(proxy, &ctx.destination, req).await,

@@ -794,3 +794,73 @@ async fn upstream_connections_are_reused_outbound_and_inbound() {
         "inbound adds the caller's address"
     );
 }
+
+/// An upstream that closes every keep-alive connection right after its answer (without
+/// `Connection: close`), counting the connections it accepted.
+async fn closing_upstream() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let n = count.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => seen.extend_from_slice(&buf[..k]),
+                    }
+                }
+                let body = format!("conn {n}");
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+                // Let the proxy pool the connection, then close it under the next request.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            });
+        }
+    });
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn a_request_without_a_body_goes_again_when_its_pooled_connection_was_closed() {
+    let (upstream, accepted) = closing_upstream().await;
+    let proxy = TestProxy::start(
+        &mesh(&[("flaky", vec![upstream], "")], ""),
+        "client",
+        &["flaky"],
+        |_| {},
+    )
+    .await;
+    let first = http(Method::GET, &proxy.url("flaky", "/"), None, &[])
+        .await
+        .expect("first");
+    assert_eq!(
+        (first.status, first.body.as_str()),
+        (StatusCode::OK, "conn 1")
+    );
+    // The upstream has closed the pooled connection; the proxy takes it (used less than a
+    // second ago, so not probed), meets the close, and sends the request on a new one.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = http(Method::GET, &proxy.url("flaky", "/again"), None, &[])
+        .await
+        .expect("second");
+    assert_eq!(
+        (second.status, second.body.as_str()),
+        (StatusCode::OK, "conn 2"),
+        "{:?}",
+        second.header("x-sidemesh-error")
+    );
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+}

@@ -53,13 +53,40 @@ fn websocket_offer(headers: &HeaderMap) -> bool {
     })
 }
 
+/// The fields `strip_hop_by_hop` looks at, found in one pass over a head's names (most heads
+/// have none of them, so nothing is looked up by name at all).
+#[derive(Default)]
+struct Found {
+    connection: bool,
+    hop_by_hop: bool,
+    te: bool,
+    upgrade: bool,
+}
+
+fn found(headers: &HeaderMap) -> Found {
+    let mut found = Found::default();
+    for name in headers.keys() {
+        if name == header::CONNECTION {
+            found.connection = true;
+        } else if name == header::TE {
+            found.te = true;
+        } else if name == header::UPGRADE {
+            found.upgrade = true;
+        } else if HOP_BY_HOP.contains(name) {
+            found.hop_by_hop = true;
+        }
+    }
+    found
+}
+
 /// Removes hop-by-hop headers, and those the `Connection` header names (but never Host or
 /// Content-Length). `TE: trailers` is kept (gRPC needs it); a WebSocket upgrade keeps
 /// `Connection: upgrade` and `Upgrade: websocket`; other upgrade offers are dropped.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let upgrade = is_upgrade(headers) && websocket_offer(headers);
-    // Most requests (and every HTTP/2 one) have no `Connection` header: no list to build.
-    if headers.contains_key(header::CONNECTION) {
+    let found = found(headers);
+    let upgrade =
+        found.upgrade && found.connection && is_upgrade(headers) && websocket_offer(headers);
+    if found.connection {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
@@ -71,20 +98,24 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         for name in &named {
             headers.remove(name);
         }
+        headers.remove(header::CONNECTION);
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    if found.hop_by_hop {
+        for name in &HOP_BY_HOP[1..] {
+            headers.remove(name);
+        }
     }
-    if let Some(te) = headers.get(header::TE) {
-        if te.as_bytes() != b"trailers" {
-            let trailers = te.to_str().is_ok_and(|s| {
-                s.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-            });
-            headers.remove(header::TE);
-            if trailers {
-                headers.insert(header::TE, HeaderValue::from_static("trailers"));
-            }
+    if found.te
+        && let Some(te) = headers.get(header::TE)
+        && te.as_bytes() != b"trailers"
+    {
+        let trailers = te.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+        headers.remove(header::TE);
+        if trailers {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
         }
     }
     if upgrade {
@@ -96,7 +127,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         if !only_websocket {
             headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         }
-    } else {
+    } else if found.upgrade {
         headers.remove(header::UPGRADE);
     }
 }

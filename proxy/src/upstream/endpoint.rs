@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response, Version};
-use http_body::Body as _;
 use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::Serialize;
@@ -233,7 +232,7 @@ impl Endpoint {
         let req = match tls {
             Some(credentials) if pool.mux && self.identity.is_some() => {
                 let connect = || async move {
-                    let io = self.connect(pool, Some(credentials), Carried::Mux).await?;
+                    let io = Box::pin(self.connect(pool, Some(credentials), Carried::Mux)).await?;
                     Ok(match io.inner().carried() {
                         Some(Carried::Mux) => Opened::Mux(io.into_inner()),
                         _ => Opened::Http1(h1::client::Conn::new(Box::new(io.into_inner()))),
@@ -262,15 +261,19 @@ impl Endpoint {
         };
         // An idle connection the upstream closed at the same moment fails before any answer:
         // a request without a body is then sent again on a new connection.
-        let again = (reused && req.body().is_end_stream()).then(|| without_body(&req));
         match h1::client::send(conn, req, cfg, self.on_idle(pool)).await {
             Ok(resp) => Ok(resp),
-            Err(h1::client::SendError::Closed { .. }) if again.is_some() => {
-                let conn = self.connect_h1(pool, tls).await?;
-                let req = again.expect("checked above");
-                h1::client::send(conn, req, cfg, self.on_idle(pool))
-                    .await
-                    .map_err(|e| self.h1_error(e))
+            Err(h1::client::SendError::Closed {
+                resend: Some(again),
+                ..
+            }) if reused => {
+                Box::pin(async {
+                    let conn = self.connect_h1(pool, tls).await?;
+                    h1::client::resend(conn, again, cfg, self.on_idle(pool))
+                        .await
+                        .map_err(|e| self.h1_error(e))
+                })
+                .await
             }
             Err(e) => Err(self.h1_error(e)),
         }
@@ -318,7 +321,9 @@ impl Endpoint {
         pool: &PoolConfig,
         tls: Option<&Credentials>,
     ) -> Result<h1::client::Conn, ProxyError> {
-        let io = self.connect(pool, tls, Carried::Http1).await?;
+        // Boxed, as every connect below: a connection is made once for many requests, and
+        // its future (TCP, then a TLS handshake) would otherwise make every request's larger.
+        let io = Box::pin(self.connect(pool, tls, Carried::Http1)).await?;
         Ok(h1::client::Conn::new(Box::new(io.into_inner())))
     }
 
@@ -347,7 +352,7 @@ impl Endpoint {
             match slot.as_ref().filter(|s| !s.is_closed()) {
                 Some(sender) => sender.clone(),
                 None => {
-                    let io = self.connect(pool, tls, Carried::Http2).await?;
+                    let io = Box::pin(self.connect(pool, tls, Carried::Http2)).await?;
                     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                         .timer(TokioTimer::new())
                         .keep_alive_interval(pool.idle_timeout / 2)
@@ -397,16 +402,6 @@ impl Endpoint {
 }
 
 /// A copy of a request that has no body, to send it again.
-fn without_body(req: &Request<Body>) -> Request<Body> {
-    let mut copy = Request::new(crate::proto::body::empty());
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    *copy.extensions_mut() = req.extensions().clone();
-    copy
-}
-
 /// What `/config_dump` shows of an endpoint.
 #[derive(Debug, Serialize)]
 pub struct EndpointState {

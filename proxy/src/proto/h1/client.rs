@@ -1,7 +1,12 @@
-//! One request on an upstream HTTP/1.x connection. A task owns the connection for the
-//! exchange: it writes the request (its raw target and the body's own framing), relays
-//! interim answers, hands the response head back as soon as it is read, streams both bodies,
-//! and finally offers the connection back for reuse when both ended cleanly.
+//! One request on an upstream HTTP/1.x connection: the request written with its raw target
+//! and its body's own framing, interim answers relayed, the response head handed back as soon
+//! as it is read, both bodies streamed, and the connection offered back for reuse when both
+//! ended cleanly.
+//!
+//! Most requests are whole when they are sent (a GET, a small POST) and most answers are whole
+//! once their head is read: those are done in the caller's own task, with no task, channel or
+//! split connection of their own. Only a body that is still coming (either way) gets a task
+//! that owns the connection until it ends.
 
 use bytes::{Bytes, BytesMut};
 use http::header;
@@ -61,7 +66,12 @@ pub enum SendError {
     /// The connection closed before any byte of a response: on a reused connection, the
     /// upstream had closed it while idle, and the request may go again on a new one.
     #[error("the connection closed before a response")]
-    Closed { request_written: bool },
+    Closed {
+        request_written: bool,
+        /// A request without a body, kept encoded so that it can go again on a new
+        /// connection (`resend`) without being rebuilt.
+        resend: Option<Resend>,
+    },
     #[error("{0}")]
     Io(std::io::Error),
     #[error("invalid response: {0}")]
@@ -91,11 +101,258 @@ pub async fn send(
     cfg: Config,
     on_idle: OnIdle,
 ) -> Result<Response<Body>, SendError> {
+    let mut ex = Exchange::new(conn, req);
+    ex.writer.first_frames(&mut ex.body)?;
+    if ex.writer.done {
+        return whole_request(ex, cfg, on_idle).await;
+    }
     let (tx, rx) = oneshot::channel();
-    tokio::spawn(exchange(conn, req, cfg, tx, on_idle));
+    tokio::spawn(streaming_request(ex, cfg, tx, on_idle));
     rx.await.unwrap_or(Err(SendError::Closed {
         request_written: true,
+        resend: None,
     }))
+}
+
+/// A request without a body, encoded, that an upstream connection closed under before any
+/// answer (on a reused connection: the upstream closed it while it sat idle).
+pub struct Resend {
+    head: Vec<u8>,
+    meta: Meta,
+}
+
+impl std::fmt::Debug for Resend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resend")
+            .field("head_bytes", &self.head.len())
+            .finish()
+    }
+}
+
+/// Sends a request that `send` gave back in `SendError::Closed` again, on `conn`.
+pub async fn resend(
+    conn: Conn,
+    again: Resend,
+    cfg: Config,
+    on_idle: OnIdle,
+) -> Result<Response<Body>, SendError> {
+    let ex = Exchange {
+        conn,
+        body: crate::proto::body::empty(),
+        writer: BodyWriter {
+            framing: Framing::Empty,
+            remaining: 0,
+            done: true,
+            failed: false,
+            out: again.head,
+            written: 0,
+        },
+        meta: again.meta,
+    };
+    whole_request(ex, cfg, on_idle).await
+}
+
+/// What an exchange needs from the request once its head is encoded.
+struct Exchange {
+    conn: Conn,
+    body: Body,
+    writer: BodyWriter,
+    meta: Meta,
+}
+
+/// What reading the answer needs to know of the request.
+struct Meta {
+    expects_upgrade: bool,
+    interim: Option<Interim>,
+    method: Method,
+    sent_version: Version,
+}
+
+impl Exchange {
+    fn new(conn: Conn, req: Request<Body>) -> Self {
+        let (mut parts, body) = req.into_parts();
+        parts.headers.remove(header::TRANSFER_ENCODING);
+        let framing = match super::content_length(&parts.headers) {
+            Ok(Some(n)) => Framing::Length(n),
+            _ if parts.extensions.get::<super::Chunked>().is_some() => Framing::Chunked,
+            _ if body.is_end_stream() => Framing::Empty,
+            // An HTTP/1.0 upstream request has a length or no body: the server refuses chunked.
+            _ => Framing::Chunked,
+        };
+        let writer = BodyWriter {
+            framing,
+            remaining: match framing {
+                Framing::Length(n) => n,
+                _ => 0,
+            },
+            done: framing == Framing::Empty,
+            failed: false,
+            out: request_head(&parts, framing),
+            written: 0,
+        };
+        let meta = Meta {
+            expects_upgrade: crate::proto::headers::is_upgrade(&parts.headers)
+                || parts.method == Method::CONNECT,
+            interim: parts.extensions.remove::<Interim>(),
+            method: parts.method,
+            sent_version: parts.version,
+        };
+        Self {
+            conn,
+            body,
+            writer,
+            meta,
+        }
+    }
+}
+
+impl Meta {
+    /// Relays an interim answer; `None` for the final head.
+    fn interim(&self, head: ResponseHead) -> Option<ResponseHead> {
+        if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(Interim(tx)) = &self.interim {
+                let _ = tx.try_send(InterimResponse {
+                    status: head.status,
+                    headers: head.headers,
+                });
+            }
+            return None;
+        }
+        Some(head)
+    }
+}
+
+/// What the final response head means for the rest of the exchange.
+struct Answer {
+    response: Response<()>,
+    /// The connection switches protocols (101, or a 2xx to CONNECT) and the caller asked to.
+    upgrade: bool,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+fn answer(ex: &Meta, head: ResponseHead) -> Result<Answer, SendError> {
+    let status = head.status;
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS
+        || (ex.method == Method::CONNECT && status.is_success());
+    if status == StatusCode::SWITCHING_PROTOCOLS && !ex.expects_upgrade {
+        return Err(SendError::Protocol(
+            "101 Switching Protocols to a request that asked for no upgrade".into(),
+        ));
+    }
+    let framing = if switching {
+        Framing::Empty
+    } else {
+        super::response_framing(&ex.method, status, &head.headers)
+            .map_err(|why| SendError::Protocol(why.into()))?
+    };
+    let keep_alive = head.version == Version::HTTP_11
+        && ex.sent_version == Version::HTTP_11
+        && !super::connection_tokens(&head.headers)
+            .iter()
+            .any(|t| t == "close")
+        && framing != Framing::Close;
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    *response.headers_mut() = head.headers;
+    if status
+        .canonical_reason()
+        .is_none_or(|r| r.as_bytes() != &head.reason[..])
+    {
+        response.extensions_mut().insert(Reason(head.reason));
+    }
+    Ok(Answer {
+        response,
+        upgrade: switching && ex.expects_upgrade,
+        framing,
+        keep_alive,
+    })
+}
+
+/// The first write failed: on a reused connection the upstream may have closed it while it
+/// sat idle, and nothing of the request reached it.
+fn unwritten(e: SendError) -> SendError {
+    match e {
+        SendError::Io(e) => SendError::Closed {
+            request_written: false,
+            resend: None,
+        }
+        .or_io(e),
+        other => other,
+    }
+}
+
+/// The whole request is encoded: write it, read the answer's head, and return at once when
+/// the answer's body is already here; a body still coming gets a task that reads it.
+async fn whole_request(
+    ex: Exchange,
+    cfg: Config,
+    on_idle: OnIdle,
+) -> Result<Response<Body>, SendError> {
+    let Exchange {
+        mut conn,
+        mut writer,
+        meta,
+        ..
+    } = ex;
+    let read = async {
+        writer.flush(&mut conn.io).await.map_err(unwritten)?;
+        loop {
+            let head = read_response(&mut conn.io, &mut conn.buf, cfg.limits).await?;
+            if let Some(head) = meta.interim(head) {
+                break Ok(head);
+            }
+        }
+    };
+    let head = match read.await {
+        Ok(head) => head,
+        Err(SendError::Closed {
+            request_written, ..
+        }) if matches!(writer.framing, Framing::Empty | Framing::Length(0)) => {
+            return Err(SendError::Closed {
+                request_written,
+                resend: Some(Resend {
+                    head: writer.out,
+                    meta,
+                }),
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    let answer = answer(&meta, head)?;
+    let (mut parts, ()) = answer.response.into_parts();
+    if answer.upgrade {
+        let (tx, rx) = oneshot::channel();
+        parts.extensions.insert(OnUpgrade::new(rx));
+        let _ = tx.send(Rewind::new(conn.buf.split().freeze(), conn.io));
+        return Ok(Response::from_parts(parts, crate::proto::body::empty()));
+    }
+    let body = match answer.framing {
+        Framing::Empty | Framing::Length(0) => crate::proto::body::empty(),
+        Framing::Length(n) if conn.buf.len() as u64 >= n => {
+            crate::proto::body::full(conn.buf.split_to(n as usize).freeze())
+        }
+        framing => {
+            let (tx, rx) = h1body::channel(framing);
+            let mut pump = Pump::new(Decoder::new(framing, cfg.limits), Some(tx), None, false);
+            let keep_alive = answer.keep_alive;
+            tokio::spawn(async move {
+                while pump.active() {
+                    if pump.step(&mut conn.io, &mut conn.buf).await.is_err() {
+                        return;
+                    }
+                }
+                if keep_alive && pump.finished() {
+                    on_idle(conn);
+                }
+            });
+            return Ok(Response::from_parts(parts, rx.boxed_unsync()));
+        }
+    };
+    if answer.keep_alive {
+        on_idle(conn);
+    }
+    Ok(Response::from_parts(parts, body))
 }
 
 /// The request head: the client's own target when there is one, its version, its fields,
@@ -130,69 +387,32 @@ fn request_head(parts: &http::request::Parts, framing: Framing) -> Vec<u8> {
     out
 }
 
-async fn exchange(
-    conn: Conn,
-    req: Request<Body>,
+/// The request body is still coming: a task owns the connection, writes the body as it comes
+/// while it reads the answer, and hands the response head back over `reply`.
+async fn streaming_request(
+    ex: Exchange,
     cfg: Config,
     reply: oneshot::Sender<Result<Response<Body>, SendError>>,
     on_idle: OnIdle,
 ) {
-    let (mut parts, mut body) = req.into_parts();
-    parts.headers.remove(header::TRANSFER_ENCODING);
-    let framing = match super::content_length(&parts.headers) {
-        Ok(Some(n)) => Framing::Length(n),
-        _ if parts.extensions.get::<super::Chunked>().is_some() => Framing::Chunked,
-        _ if body.is_end_stream() => Framing::Empty,
-        // An HTTP/1.0 upstream request has a length or no body: the server refuses chunked.
-        _ => Framing::Chunked,
-    };
-    let expects_upgrade =
-        crate::proto::headers::is_upgrade(&parts.headers) || parts.method == Method::CONNECT;
-    let interim = parts.extensions.get::<Interim>().cloned();
-    let method = parts.method.clone();
-    let sent_version = parts.version;
-
+    let Exchange {
+        conn,
+        mut body,
+        mut writer,
+        meta,
+    } = ex;
     let Conn { io, mut buf } = conn;
     let (mut rd, mut wr) = tokio::io::split(io);
-    let head = request_head(&parts, framing);
-    let mut writer = BodyWriter {
-        framing,
-        remaining: match framing {
-            Framing::Length(n) => n,
-            _ => 0,
-        },
-        done: framing == Framing::Empty,
-        failed: false,
-        out: head,
-        written: 0,
-    };
-    // The head goes out with the body's first frame when that is ready at once (one write,
-    // one TLS record), alone otherwise.
-    if let Err(e) = writer.first_frame(&mut body) {
-        let _ = reply.send(Err(e));
-        return;
-    }
     if let Err(e) = writer.flush(&mut wr).await {
-        let _ = reply.send(Err(match e {
-            SendError::Io(e) => SendError::Closed {
-                request_written: false,
-            }
-            .or_io(e),
-            other => other,
-        }));
+        let _ = reply.send(Err(unwritten(e)));
         return;
     }
     // Until the response head: write the body as it comes, relay interim answers.
-    let response_head = loop {
+    let head = loop {
         tokio::select! {
             biased;
             read = read_response(&mut rd, &mut buf, cfg.limits) => match read {
-                Ok(head) if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS => {
-                    if let Some(Interim(tx)) = &interim {
-                        let _ = tx.try_send(InterimResponse { status: head.status, headers: head.headers });
-                    }
-                }
-                Ok(head) => break head,
+                Ok(head) => if let Some(head) = meta.interim(head) { break head },
                 Err(e) => {
                     let _ = reply.send(Err(e));
                     return;
@@ -206,62 +426,27 @@ async fn exchange(
             }
         }
     };
-
-    let status = response_head.status;
-    let switching = status == StatusCode::SWITCHING_PROTOCOLS
-        || (method == Method::CONNECT && status.is_success());
-    if status == StatusCode::SWITCHING_PROTOCOLS && !expects_upgrade {
-        let _ = reply.send(Err(SendError::Protocol(
-            "101 Switching Protocols to a request that asked for no upgrade".into(),
-        )));
-        return;
-    }
-    let framing_in = if switching {
-        Framing::Empty
-    } else {
-        match super::response_framing(&method, status, &response_head.headers) {
-            Ok(f) => f,
-            Err(why) => {
-                let _ = reply.send(Err(SendError::Protocol(why.into())));
-                return;
-            }
+    let answer = match answer(&meta, head) {
+        Ok(answer) => answer,
+        Err(e) => {
+            let _ = reply.send(Err(e));
+            return;
         }
     };
-    let keep_alive = response_head.version == Version::HTTP_11
-        && sent_version == Version::HTTP_11
-        && !super::connection_tokens(&response_head.headers)
-            .iter()
-            .any(|t| t == "close")
-        && framing_in != Framing::Close;
-
-    let mut response = Response::new(());
-    *response.status_mut() = status;
-    *response.headers_mut() = response_head.headers;
-    if status
-        .canonical_reason()
-        .is_none_or(|r| r.as_bytes() != &response_head.reason[..])
-    {
-        response
-            .extensions_mut()
-            .insert(Reason(response_head.reason));
-    }
-
-    if switching && expects_upgrade {
+    let (mut parts, ()) = answer.response.into_parts();
+    if answer.upgrade {
         let (tx, rx) = oneshot::channel();
-        response.extensions_mut().insert(OnUpgrade::new(rx));
-        let (parts, ()) = response.into_parts();
+        parts.extensions.insert(OnUpgrade::new(rx));
         if reply
             .send(Ok(Response::from_parts(parts, crate::proto::body::empty())))
             .is_err()
         {
             return;
         }
-        let io = rd.unsplit(wr);
-        let _ = tx.send(Rewind::new(buf.split().freeze(), io));
+        let _ = tx.send(Rewind::new(buf.split().freeze(), rd.unsplit(wr)));
         return;
     }
-
-    let (resp_body, mut pump) = match framing_in {
+    let (resp_body, mut pump) = match answer.framing {
         Framing::Empty | Framing::Length(0) => (crate::proto::body::empty(), None),
         f => {
             let (tx, rx) = h1body::channel(f);
@@ -269,7 +454,6 @@ async fn exchange(
             (rx.boxed_unsync(), Some(pump))
         }
     };
-    let (parts, ()) = response.into_parts();
     if reply
         .send(Ok(Response::from_parts(parts, resp_body)))
         .is_err()
@@ -277,13 +461,9 @@ async fn exchange(
         return;
     }
     // Both bodies, until the response's ends.
-    loop {
-        let reading = pump.as_ref().is_some_and(Pump::active);
-        if !reading {
-            break;
-        }
+    while let Some(p) = pump.as_mut().filter(|p| p.active()) {
         tokio::select! {
-            stepped = async { match pump.as_mut() { Some(p) => p.step(&mut rd, &mut buf).await, None => Ok(()) } } => {
+            stepped = p.step(&mut rd, &mut buf) => {
                 if stepped.is_err() {
                     return;
                 }
@@ -303,7 +483,7 @@ async fn exchange(
     }
     // The response is complete. A request body still being sent (the upstream answered
     // early) or a connection the upstream will close is not reused.
-    if keep_alive && writer.finished() && !writer.failed {
+    if answer.keep_alive && writer.finished() && !writer.failed {
         on_idle(Conn {
             io: rd.unsplit(wr),
             buf,
@@ -343,6 +523,7 @@ async fn read_response<R: AsyncRead + Unpin>(
             Ok(0) if !got_bytes => {
                 return Err(SendError::Closed {
                     request_written: true,
+                    resend: None,
                 });
             }
             Ok(0) => {
@@ -354,6 +535,7 @@ async fn read_response<R: AsyncRead + Unpin>(
             Err(e) if !got_bytes => {
                 return Err(SendError::Closed {
                     request_written: true,
+                    resend: None,
                 }
                 .or_io(e));
             }
@@ -374,17 +556,18 @@ struct BodyWriter {
 }
 
 impl BodyWriter {
-    /// Adds the body's first frame to the head in `out` when it is ready now (a body already
-    /// in memory); a pending body is left to `next`.
-    fn first_frame(&mut self, body: &mut Body) -> Result<(), SendError> {
-        if self.done {
-            return Ok(());
-        }
+    /// Adds the frames of the body that are ready now (a body already in memory) to the head
+    /// in `out`, so that head and body go in one write; a pending body is left to `next`.
+    /// Stops at 64 KiB, or when the body ended (then `done`).
+    fn first_frames(&mut self, body: &mut Body) -> Result<(), SendError> {
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        match std::pin::Pin::new(&mut *body).poll_frame(&mut cx) {
-            std::task::Poll::Ready(frame) => self.encode(frame),
-            std::task::Poll::Pending => Ok(()),
+        while !self.done && self.out.len() < 64 * 1024 {
+            match std::pin::Pin::new(&mut *body).poll_frame(&mut cx) {
+                std::task::Poll::Ready(frame) => self.encode(frame)?,
+                std::task::Poll::Pending => break,
+            }
         }
+        Ok(())
     }
 
     fn finished(&self) -> bool {

@@ -98,12 +98,14 @@ fn version(v: Option<u8>) -> Version {
     }
 }
 
-fn header_map(fields: &[httparse::Header<'_>]) -> Result<HeaderMap, HeadError> {
+/// The fields of a head whose bytes are `src`: values (and the target, and the reason phrase)
+/// are slices of `src`, not copies, so a head costs its map and no allocation per field.
+fn header_map(fields: &[httparse::Header<'_>], src: &Bytes) -> Result<HeaderMap, HeadError> {
     let mut headers = HeaderMap::with_capacity(fields.len());
     for field in fields {
         let name = HeaderName::from_bytes(field.name.as_bytes())
             .map_err(|_| HeadError::Malformed(format!("invalid field name `{}`", field.name)))?;
-        let value = HeaderValue::from_bytes(field.value).map_err(|_| {
+        let value = HeaderValue::from_maybe_shared(src.slice_ref(field.value)).map_err(|_| {
             HeadError::Malformed(format!("invalid value in field `{}`", field.name))
         })?;
         headers.append(name, value);
@@ -149,9 +151,11 @@ pub fn parse_request(
     let Some(end) = head_end(buf, limits)? else {
         return Ok(None);
     };
+    // The head leaves the buffer whatever the outcome: a refused head ends the connection.
+    let src = buf.split_to(end).freeze();
     let head = with_fields(limits, |fields| {
         let mut req = httparse::Request::new(fields);
-        match req.parse(&buf[..end]) {
+        match req.parse(&src) {
             Ok(httparse::Status::Complete(_)) => {}
             Ok(httparse::Status::Partial) => {
                 return Err(HeadError::Malformed("incomplete request line".into()));
@@ -160,7 +164,7 @@ pub fn parse_request(
         }
         let method = Method::from_bytes(req.method.unwrap_or_default().as_bytes())
             .map_err(|_| HeadError::Malformed("invalid method".into()))?;
-        let target = Bytes::copy_from_slice(req.path.unwrap_or_default().as_bytes());
+        let target = src.slice_ref(req.path.unwrap_or_default().as_bytes());
         if target.is_empty() {
             return Err(HeadError::Malformed("empty request target".into()));
         }
@@ -168,10 +172,9 @@ pub fn parse_request(
             method,
             target,
             version: version(req.version),
-            headers: header_map(req.headers)?,
+            headers: header_map(req.headers, &src)?,
         })
     })?;
-    buf.advance(end);
     Ok(Some(head))
 }
 
@@ -183,9 +186,10 @@ pub fn parse_response(
     let Some(end) = head_end(buf, limits)? else {
         return Ok(None);
     };
+    let src = buf.split_to(end).freeze();
     let head = with_fields(limits, |fields| {
         let mut resp = httparse::Response::new(fields);
-        match resp.parse(&buf[..end]) {
+        match resp.parse(&src) {
             Ok(httparse::Status::Complete(_)) => {}
             Ok(httparse::Status::Partial) => {
                 return Err(HeadError::Malformed("incomplete status line".into()));
@@ -198,12 +202,11 @@ pub fn parse_response(
             .ok_or_else(|| HeadError::Malformed("invalid status code".into()))?;
         Ok(ResponseHead {
             status,
-            reason: Bytes::copy_from_slice(resp.reason.unwrap_or_default().as_bytes()),
+            reason: src.slice_ref(resp.reason.unwrap_or_default().as_bytes()),
             version: version(resp.version),
-            headers: header_map(resp.headers)?,
+            headers: header_map(resp.headers, &src)?,
         })
     })?;
-    buf.advance(end);
     Ok(Some(head))
 }
 
@@ -220,16 +223,16 @@ pub fn parse_trailers(
     let Some(end) = head_end(buf, limits)? else {
         return Ok(None);
     };
+    let src = buf.split_to(end).freeze();
     let map = with_fields(limits, |fields| {
-        match httparse::parse_headers(&buf[..end], fields) {
-            Ok(httparse::Status::Complete((_, parsed))) => header_map(parsed),
+        match httparse::parse_headers(&src, fields) {
+            Ok(httparse::Status::Complete((_, parsed))) => header_map(parsed, &src),
             Ok(httparse::Status::Partial) => {
                 Err(HeadError::Malformed("incomplete trailers".into()))
             }
             Err(e) => Err(parse_error(e, limits)),
         }
     })?;
-    buf.advance(end);
     Ok(Some(map))
 }
 
