@@ -181,40 +181,38 @@ pub fn host_of(authority: &str) -> &str {
 /// Rewrites the request for an upstream speaking `version`: origin-form URI plus Host for
 /// HTTP/1.1, absolute URI (which becomes `:authority`) for HTTP/2.
 pub fn for_upstream(parts: &mut Parts, version: Version) {
-    let authority = authority(parts).map(str::to_owned);
-    let path = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
+    use http::uri::{Authority, PathAndQuery, Scheme};
     parts.version = version;
+    // The URI's pieces are moved, not copied: each is a shared buffer already.
+    let mut uri = std::mem::take(&mut parts.uri).into_parts();
+    if uri.path_and_query.is_none() {
+        uri.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
     match version {
         Version::HTTP_2 => {
-            if let Some(a) = authority {
-                if let Ok(uri) = Uri::builder()
-                    .scheme("http")
-                    .authority(a.as_str())
-                    .path_and_query(path.as_str())
-                    .build()
-                {
-                    parts.uri = uri;
-                }
+            if uri.authority.is_none() {
+                uri.authority = parts
+                    .headers
+                    .get(header::HOST)
+                    .and_then(|h| Authority::try_from(h.as_bytes()).ok());
+            }
+            if uri.authority.is_some() {
+                uri.scheme = Some(Scheme::HTTP);
             }
             parts.headers.remove(header::HOST);
         }
         _ => {
-            if let Some(a) = authority {
-                if !parts.headers.contains_key(header::HOST) {
-                    if let Ok(v) = HeaderValue::from_str(&a) {
-                        parts.headers.insert(header::HOST, v);
-                    }
-                }
+            if let Some(a) = &uri.authority
+                && !parts.headers.contains_key(header::HOST)
+                && let Ok(v) = HeaderValue::from_str(a.as_str())
+            {
+                parts.headers.insert(header::HOST, v);
             }
-            if let Ok(uri) = path.parse() {
-                parts.uri = uri;
-            }
+            uri.scheme = None;
+            uri.authority = None;
         }
     }
+    parts.uri = Uri::from_parts(uri).unwrap_or_else(|_| Uri::from_static("/"));
 }
 
 #[cfg(test)]
