@@ -219,6 +219,41 @@ def peer_syscalls(tmp, args):
     return results
 
 
+def connection_flood(tmp, args, rel, count=5000):
+    """A plaintext client-side proxy (the pair's A) holding `count` idle keep-alive client
+    connections, each after one request, then the same connections closed: RSS before, with
+    them, and 3 s after they closed."""
+    import socket
+    run.REL = rel
+    procs = run.Procs(tmp)
+    try:
+        port, pids, _ = run.start_with_retry("sidemesh-2", procs, tmp, args.backend_port)
+        a = pids[0]
+        req = b"GET / HTTP/1.1\r\nhost: backend\r\n\r\n"
+        for _ in range(50):
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(req)
+                s.recv(4096)
+        time.sleep(1.0)
+        before = run.rss_kib(a)
+        run.raise_nofile()
+        socks = []
+        for _ in range(count):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(req)
+            s.recv(4096)
+            socks.append(s)
+        time.sleep(1.0)
+        held = run.rss_kib(a)
+        for s in socks:
+            s.close()
+        time.sleep(3.0)
+        after = run.rss_kib(a)
+        return {"count": count, "before": before, "held": held, "after": after}
+    finally:
+        procs.stop()
+
+
 def profile(args):
     tmp = tempfile.mkdtemp(prefix="sidemesh-profile-")
     backend, args.backend_port = run.nginx_backend(tmp)
@@ -228,19 +263,21 @@ def profile(args):
         if args.before:
             builds.append(("before", profile_build("before", os.path.abspath(args.before), tmp, args)))
         builds.append(("after", profile_build("after", after_rel, tmp, args)))
+        floods = [(label, connection_flood(tmp, args, rel)) for label, rel in
+                  ([("before", os.path.abspath(args.before))] if args.before else []) + [("after", after_rel)]]
         run.REL = after_rel
         peers = peer_syscalls(tmp, args)
     finally:
         run.REL = after_rel
         backend.stop()
-    write(args, builds, peers)
+    write(args, builds, peers, floods)
 
 
 NAMES = {"sidemesh-2": "Sidemesh pair, plaintext", "sidemesh-2-mtls": "Sidemesh pair, mTLS",
          "nginx-2-mtls": "nginx pair, mTLS", "haproxy-2-mtls": "HAProxy pair, mTLS"}
 
 
-def write(args, builds, peers):
+def write(args, builds, peers, floods=()):
     n, c = args.requests, args.connections
     lines = [
         "## Profile: instructions and syscalls per request",
@@ -286,6 +323,16 @@ def write(args, builds, peers):
     lines += ["", f"The functions with the largest self cost in proxy A of the mTLS pair ({label}):", "",
               "| share | function |", "|---|---|"]
     lines += [f"| {share * 100:.1f} % | `{name}` |" for share, name in top_functions(dump, 15)]
+    if floods:
+        count = floods[0][1]["count"]
+        lines += ["", f"Memory of the calling proxy (plaintext pair's A) holding {count:,} idle keep-alive client "
+                  "connections (one request each), and 3 s after they closed (RSS):", "",
+                  "| build | idle MiB | with the connections MiB | per connection KiB | 3 s after they closed MiB | "
+                  "after / idle |", "|---|---|---|---|---|---|"]
+        for label, f in floods:
+            lines.append(f"| {label} | {f['before'] / 1024:.1f} | {f['held'] / 1024:.1f} | "
+                         f"{(f['held'] - f['before']) / f['count']:.1f} | {f['after'] / 1024:.1f} | "
+                         f"{f['after'] / f['before']:.2f}x |")
     run.replace_section(args.out, "profile", "\n".join(lines))
     print("\n".join(lines))
 

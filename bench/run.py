@@ -168,7 +168,9 @@ def nginx_conf(tmp, name, port, target=None, listen_tls="", upstream_tls="", kee
     reuse = ' proxy_set_header Connection "";' if keepalive else ""  # else nginx sends Connection: close
     body = (f"location / {{ proxy_pass {scheme}://up; proxy_http_version 1.1;{reuse}{upstream_tls} }}"
             if target else 'location / { return 200 "ok\\n"; }')
-    pool = " keepalive 64;" if keepalive else ""
+    # As many idle upstream connections as the widest load has clients: nginx closes the ones past
+    # this number after each request, and the benchmark would measure reconnects.
+    pool = " keepalive 512;" if keepalive else ""
     upstream = f"upstream up {{ server 127.0.0.1:{target};{pool} }}" if target else ""
     listen = f"127.0.0.1:{port}{' ssl' if listen_tls else ''} backlog=4096"
     conf = os.path.join(tmp, f"{name}.conf")
@@ -587,7 +589,7 @@ def idle_connections(tmp, backend_port, count):
         procs.stop()
 
 
-def measure_http(kind, port, cpu_pids, mem_pids, connections, seconds, rate):
+def measure_http(kind, port, cpu_pids, mem_pids, connections, seconds, rate, wide=0):
     """One HTTP/1.1 measurement of a started topology: memory idle (PSS before any request), a 1 s
     wrk warm-up, throughput and the proxies' CPU per request under wrk, peak PSS during that load,
     then latency at a fixed rate (open loop). Failed requests abort the run: a benchmark of errors
@@ -604,8 +606,19 @@ def measure_http(kind, port, cpu_pids, mem_pids, connections, seconds, rate):
     lat = latency(port, rate, seconds)
     if lat["errors"]:
         raise RuntimeError(f"{kind}: {lat['errors']} failed requests at {rate} req/s")
-    return {"rps": rps, "cpu_us": cpu / total * 1e6 if cpu_pids else 0.0, "p50": lat["p50_us"],
-            "p99": lat["p99_us"], "p999": lat["p999_us"], "rss_idle": idle, "rss_load": peak}
+    m = {"rps": rps, "cpu_us": cpu / total * 1e6 if cpu_pids else 0.0, "p50": lat["p50_us"],
+         "p99": lat["p99_us"], "p999": lat["p999_us"], "rss_idle": idle, "rss_load": peak}
+    if wide:
+        # The same topology under `wide` client connections: throughput, CPU and peak memory.
+        wrk(port, 1, wide)
+        cpu0 = cpu_seconds(cpu_pids)
+        with PeakMemory(mem_pids) as mem:
+            rps, total, errors = wrk(port, seconds, wide)
+        if errors:
+            raise RuntimeError(f"{kind}: {errors} failed requests under load at {wide} connections")
+        m.update({"rps_wide": rps, "cpu_us_wide": (cpu_seconds(cpu_pids) - cpu0) / total * 1e6 if cpu_pids else 0.0,
+                  "rss_load_wide": mem.peak / 1024})
+    return m
 
 
 def measure_grpc(kind, port, cpu_pids, mem_pids, body_file, requests, seconds, rate):
@@ -628,11 +641,11 @@ def measure_grpc(kind, port, cpu_pids, mem_pids, body_file, requests, seconds, r
 
 
 def interleave(args, tmp, http_res, http_kinds, http_port, grpc_res=None, grpc_kinds=(), grpc_port=None,
-               body_file=None, load=None, after=None):
+               body_file=None, load=None, after=None, wide=0):
     """Runs every round: each HTTP/1.1 topology in turn against `http_port`, then each gRPC one
     against `grpc_port`, a fresh start for every measurement. `load(kind)` gives the HTTP
     (connections, rate) when a topology needs other than the arguments'; `after(kind)` runs once
-    a topology has stopped."""
+    a topology has stopped; `wide`: HTTP/1.1 is also measured at that many connections."""
     for rnd in range(1, args.rounds + 1):
         for proto, res, kinds, port in (("http", http_res, http_kinds, http_port),
                                         ("grpc", grpc_res, grpc_kinds, grpc_port)):
@@ -642,7 +655,8 @@ def interleave(args, tmp, http_res, http_kinds, http_port, grpc_res=None, grpc_k
                     front, cpu_pids, mem_pids = start_with_retry(kind, procs, tmp, port, grpc=proto == "grpc")
                     if proto == "http":
                         connections, rate = load(kind) if load else (args.connections, args.rate)
-                        m = measure_http(kind, front, cpu_pids, mem_pids, connections, args.seconds, rate)
+                        m = measure_http(kind, front, cpu_pids, mem_pids, connections, args.seconds, rate,
+                                         wide)
                     else:
                         m = measure_grpc(kind, front, cpu_pids, mem_pids, body_file, args.grpc_requests, args.seconds,
                                          args.rate)
@@ -665,9 +679,10 @@ def nginx_backend(tmp):
 def record(res, kind, m, rnd, label=""):
     for key, value in m.items():
         res[kind].setdefault(key, []).append(value)
+    wide = (f"  wide {m['rps_wide']:9.0f} req/s cpu {m['cpu_us_wide']:7.1f} us/req" if "rps_wide" in m else "")
     print(f"round {rnd} {label}{kind:26} {m['rps']:9.0f} req/s  cpu {m['cpu_us']:7.1f} us/req  "
-          f"p50 {m['p50']} us  p99 {m['p99']} us  p99.9 {m['p999']} us  pss {m['rss_idle']:.1f}/{m['rss_load']:.1f} MiB",
-          flush=True)
+          f"p50 {m['p50']} us  p99 {m['p99']} us  p99.9 {m['p999']} us  pss {m['rss_idle']:.1f}/{m['rss_load']:.1f} MiB"
+          + wide, flush=True)
 
 
 HEADER = """# Benchmarks
@@ -913,7 +928,8 @@ def suite(args):
         start_collector(backend, tmp)
         wait_port(backend_port)
         wait_port(grpc_port)
-        interleave(args, tmp, http, SUITE_KINDS, backend_port, grpc, SUITE_KINDS, grpc_port, body_file)
+        interleave(args, tmp, http, SUITE_KINDS, backend_port, grpc, SUITE_KINDS, grpc_port, body_file,
+                   wide=args.wide)
     finally:
         backend.stop()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -949,9 +965,25 @@ def suite_table(res, args):
     return rows
 
 
+def wide_table(res, args):
+    rows = [f"| topology | req/s at {args.wide} connections | vs direct | CPU s per 1000 req | vs nginx mTLS pair "
+            "| vs HAProxy mTLS pair | under load MiB |", "|---|---|---|---|---|---|---|"]
+    for kind in SUITE_KINDS:
+        r = res[kind]
+        proxied = kind != "direct"
+        vs = lambda peer: ("{:.2f}x ({:.2f}-{:.2f})".format(*per_round(res, kind, peer, "cpu_us_wide"))
+                           if proxied else "-")
+        rows.append(
+            f"| {SUITE_LABELS[kind]} | {fmt_spread(r['rps_wide'])} | "
+            f"{'{:.2f}x'.format(per_round(res, kind, 'direct', 'rps_wide')[0])} | "
+            f"{fmt_spread([v / 1000 for v in r['cpu_us_wide']], '{:.3f}') if proxied else '-'} | {vs('nginx-2-mtls')} | "
+            f"{vs('haproxy-2-mtls')} | {fmt_spread([v / 2 for v in r['rss_load_wide']], '{:.1f}') if proxied else '-'} |")
+    return rows
+
+
 def write_suite(args, http, grpc):
     command = (f"bench/run.sh --rounds {args.rounds} --seconds {args.seconds} --connections {args.connections} "
-               f"--rate {args.rate} --grpc-requests {args.grpc_requests}")
+               f"--wide {args.wide} --rate {args.rate} --grpc-requests {args.grpc_requests}")
     lines = ["## Sidemesh against direct calls, nginx and HAProxy", "",
              f"Produced by `{command}` on {time.strftime('%Y-%m-%d')} ({os.cpu_count()} cores; `bench/run.sh` alone "
              "runs 3 rounds with the other values as here). The script installs nginx, HAProxy, wrk and h2load from Debian, builds release "
@@ -973,6 +1005,10 @@ def write_suite(args, http, grpc):
              "nginx's master and worker, count once), idle before the first request and at its peak "
              "during wrk, sampled every 100 ms.", ""]
     lines += suite_table(http, args)
+    if args.wide:
+        lines += ["", f"The same topologies under `wrk -t1 -c{args.wide} -d{args.seconds}s` (started as above; "
+                  "memory is the peak PSS per proxy during this load):", ""]
+        lines += wide_table(http, args)
     lines += ["", "### gRPC", "",
               f"Throughput: `h2load -n {args.grpc_requests} -c 4 -m 16` of `demo.users.v1.UserService/GetUser`. "
               f"Latency: unary calls at {args.rate} per second over HTTP/2 (`bench-latency --grpc-body`), success "
@@ -988,7 +1024,9 @@ def write_suite(args, http, grpc):
               f"retries, a rate limit and tracing at 1 %, **{h('sidemesh-2-mtls-full', 'nginx-2-mtls')[0]:.2f}x** and "
               f"**{h('sidemesh-2-mtls-full', 'haproxy-2-mtls')[0]:.2f}x**. gRPC: {g('sidemesh-2-mtls', 'nginx-2-mtls')[0]:.2f}x "
               f"and {g('sidemesh-2-mtls', 'haproxy-2-mtls')[0]:.2f}x ({g('sidemesh-2-mtls-full', 'nginx-2-mtls')[0]:.2f}x and "
-              f"{g('sidemesh-2-mtls-full', 'haproxy-2-mtls')[0]:.2f}x with the policies).",
+              f"{g('sidemesh-2-mtls-full', 'haproxy-2-mtls')[0]:.2f}x with the policies)."
+              + (f" At {args.wide} connections (HTTP/1.1): **{h('sidemesh-2-mtls', 'nginx-2-mtls', 'cpu_us_wide')[0]:.2f}x** "
+                 f"and **{h('sidemesh-2-mtls', 'haproxy-2-mtls', 'cpu_us_wide')[0]:.2f}x**." if args.wide else ""),
               f"- **Added latency at the median** over a direct call, at {args.rate} req/s: Sidemesh mTLS "
               f"{add(http, 'sidemesh-2-mtls', 'p50'):+.0f} us (HTTP/1.1), {add(grpc, 'sidemesh-2-mtls', 'p50'):+.0f} us (gRPC); "
               f"nginx {add(http, 'nginx-2-mtls', 'p50'):+.0f} / {add(grpc, 'nginx-2-mtls', 'p50'):+.0f} us; "
@@ -1021,6 +1059,8 @@ def main():
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--rate", type=int, default=1000)
+    ap.add_argument("--wide", type=int, default=256,
+                    help="the suite: also measure HTTP/1.1 throughput and CPU at this many connections (0: not)")
     ap.add_argument("--idle", type=int, default=10000)
     ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
     ap.add_argument("--grpc-requests", type=int, default=40000)

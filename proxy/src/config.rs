@@ -168,8 +168,11 @@ pub struct Limits {
     /// Most concurrent HTTP/2 streams per client connection.
     #[arg(long, default_value_t = 1024)]
     pub max_concurrent_streams: u32,
-    /// Idle pooled HTTP/1.1 connections kept per upstream endpoint.
-    #[arg(long, default_value_t = 64)]
+    /// Idle pooled HTTP/1.1 connections kept per upstream endpoint: enough for 256 concurrent
+    /// requests to one endpoint without new connections. (Between meshed proxies HTTP/1.x is
+    /// multiplexed on one connection, so this bounds connections to applications and to
+    /// endpoints without a proxy.)
+    #[arg(long, default_value_t = 256)]
     pub max_idle_per_endpoint: usize,
 }
 
@@ -310,7 +313,7 @@ impl Default for Limits {
             max_response_headers: 500,
             listen_backlog: 4096,
             max_concurrent_streams: 1024,
-            max_idle_per_endpoint: 64,
+            max_idle_per_endpoint: 256,
         }
     }
 }

@@ -61,7 +61,9 @@ where
         };
         match accepted {
             Some(Ok((req, respond))) => {
-                tokio::spawn(stream(proxy.clone(), conn.clone(), req, respond));
+                // Boxed before it is spawned: the task then moves a pointer, not the whole
+                // request's state, each time it is stored and finished.
+                tokio::spawn(Box::pin(stream(proxy.clone(), conn.clone(), req, respond)));
             }
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "multiplexed connection ended with an error");

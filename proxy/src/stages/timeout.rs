@@ -3,6 +3,8 @@
 //! shortens it (never lengthens it): there is no point working past the caller's deadline.
 
 use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::HeaderMap;
@@ -21,15 +23,41 @@ pub fn deadline(route: Option<Duration>, headers: &HeaderMap) -> Option<Duration
 }
 
 /// Runs `attempts` within `deadline`: past it, the proxy's 504.
-pub async fn within<T>(
-    deadline: Option<Duration>,
-    attempts: impl Future<Output = Result<T, ProxyError>>,
-) -> Result<T, ProxyError> {
-    match deadline {
-        Some(after) => tokio::time::timeout(after, attempts)
-            .await
-            .unwrap_or(Err(ProxyError::Timeout { after })),
-        None => attempts.await,
+///
+/// A future of its own rather than an `async fn`: an `async fn` would keep `attempts` twice in
+/// its state (the argument, and the timeout it moves into), which doubles every request's
+/// future.
+pub fn within<F>(deadline: Option<Duration>, attempts: F) -> Within<F> {
+    Within {
+        attempts,
+        sleep: deadline.map(tokio::time::sleep),
+        after: deadline.unwrap_or_default(),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// `attempts`, ended with `ProxyError::Timeout` when the deadline passes first.
+    pub struct Within<F> {
+        #[pin]
+        attempts: F,
+        #[pin]
+        sleep: Option<tokio::time::Sleep>,
+        after: Duration,
+    }
+}
+
+impl<T, F: Future<Output = Result<T, ProxyError>>> Future for Within<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(out) = this.attempts.poll(cx) {
+            return Poll::Ready(out);
+        }
+        match this.sleep.as_pin_mut().map(|sleep| sleep.poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(Err(ProxyError::Timeout { after: *this.after })),
+            _ => Poll::Pending,
+        }
     }
 }
 

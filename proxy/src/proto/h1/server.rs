@@ -80,7 +80,7 @@ where
     R: Fn(&Refusal) -> Vec<u8>,
 {
     let (mut rd, mut wr) = tokio::io::split(io);
-    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut buf = BytesMut::with_capacity(HEAD_READ);
     let mut first = true;
     // Interim answers of the request being handled; one channel for the connection's life,
     // as its requests are handled one at a time.
@@ -129,8 +129,9 @@ where
 
         // The handler runs while the request body streams in and interim answers go out.
         let response = {
-            let handling = handler(request);
-            let mut handling = std::pin::pin!(handling);
+            // Boxed: the handler's future is most of a request's state, and kept inline it
+            // would be held by every connection, idle ones included.
+            let mut handling = Box::pin(handler(request));
             loop {
                 tokio::select! {
                     biased;
@@ -200,6 +201,12 @@ async fn step<R: AsyncRead + Unpin>(
     }
 }
 
+/// How much a connection reads at a time while it waits for a head: most request heads come
+/// in one read of this much, and an idle connection holds no larger buffer (a body's reads
+/// size their own). Once the last request is done with the bytes, the same allocation is
+/// reused in place.
+const HEAD_READ: usize = 2 * 1024;
+
 /// The next request head. `Ok(None)`: the connection ends quietly (closed, idle, draining).
 /// `Err(Some)`: answered with a refusal; `Err(None)`: cut off without one.
 async fn read_head<R: AsyncRead + Unpin>(
@@ -216,8 +223,8 @@ async fn read_head<R: AsyncRead + Unpin>(
             Ok(None) => {}
             Err(e) => return Err(Some(Refusal::from_head(e))),
         }
-        if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(8 * 1024);
+        if buf.capacity() - buf.len() < HEAD_READ / 4 {
+            buf.reserve(HEAD_READ);
         }
         if buf.is_empty() && deadline.is_none() {
             // Between requests: idle until the keep-alive timeout or a drain.
