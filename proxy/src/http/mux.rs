@@ -92,7 +92,7 @@ async fn stream(
     let resp = match restored {
         Err(e) => respond::error_response(&ProxyError::BadRequest { why: e.to_string() }, false),
         Ok(()) if carried_h1 => {
-            let (tx, mut interims) = mpsc::channel::<InterimResponse>(INTERIM_QUEUE);
+            let (tx, mut interims) = mpsc::channel::<Box<InterimResponse>>(INTERIM_QUEUE);
             parts.extensions.insert(Interim(tx));
             let req = Request::from_parts(parts, RecvBody::boxed(recv, Side::Request));
             let answer = handle(proxy, conn, req);

@@ -164,10 +164,10 @@ where
         if let Some(crate::proto::h1::Interim(tx)) =
             parts.extensions.get::<crate::proto::h1::Interim>()
         {
-            let _ = tx.try_send(crate::proto::h1::InterimResponse {
+            let _ = tx.try_send(Box::new(crate::proto::h1::InterimResponse {
                 status: http::StatusCode::CONTINUE,
                 headers: http::HeaderMap::new(),
-            });
+            }));
         }
     }
     let limit = usize::try_from(policy.buffer_limit.bytes()).unwrap_or(usize::MAX);

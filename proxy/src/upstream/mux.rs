@@ -274,10 +274,10 @@ async fn send_on(
                 Poll::Ready(Some(Ok(info))) => {
                     if let Some(Interim(tx)) = &interim {
                         let (parts, ()) = info.into_parts();
-                        let _ = tx.try_send(InterimResponse {
+                        let _ = tx.try_send(Box::new(InterimResponse {
                             status: parts.status,
                             headers: parts.headers,
-                        });
+                        }));
                     }
                 }
                 Poll::Ready(_) => interims_open = false,

@@ -211,10 +211,10 @@ impl Meta {
     fn interim(&self, head: ResponseHead) -> Option<ResponseHead> {
         if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
             if let Some(Interim(tx)) = &self.interim {
-                let _ = tx.try_send(InterimResponse {
+                let _ = tx.try_send(Box::new(InterimResponse {
                     status: head.status,
                     headers: head.headers,
-                });
+                }));
             }
             return None;
         }

@@ -48,9 +48,11 @@ pub struct InterimResponse {
     pub headers: HeaderMap,
 }
 
-/// Where interim responses for this request go (in the request's extensions).
+/// Where interim responses for this request go (in the request's extensions). Boxed: a
+/// channel allocates a block of slots when it is made, and boxes keep that block small for
+/// answers that are rare.
 #[derive(Debug, Clone)]
-pub struct Interim(pub mpsc::Sender<InterimResponse>);
+pub struct Interim(pub mpsc::Sender<Box<InterimResponse>>);
 
 /// Anything a connection can be.
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
