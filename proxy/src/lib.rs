@@ -28,7 +28,12 @@
 //! short; plain functions over one typed context ([`pipeline::Ctx`]) cost no boxed future and
 //! no per-request service stack, let the compiler inline across stages, and read top to
 //! bottom in one file. Per-route state (limiters, retry budgets, balancers) is built once per
-//! config snapshot, not per request.
+//! config snapshot, not per request. The profile (`bench/run.sh --only profile`, in
+//! BENCHMARKS.md) decided the rest: what a request costs is mostly allocation, copies of
+//! large futures and header-map work, so one future is boxed per request (the handler's, which
+//! idle connections would otherwise hold), the rare paths (connects, retries) are boxed so the
+//! common one stays small, and a whole request with an answer already read runs in the
+//! caller's task (`proto::h1::client`).
 
 #![forbid(unsafe_code)]
 
