@@ -194,12 +194,11 @@ def profile_build(label, rel, tmp, args):
 
 def start_slow(kind, procs, tmp, backend_port):
     """run.start_topology with the patience a proxy under valgrind needs."""
-    wait = run.wait_port
-    run.wait_port = lambda port, timeout=10.0: wait(port, 120.0)
+    run.PORT_WAIT = 120.0
     try:
         return run.start_topology(kind, procs, tmp, backend_port)
     finally:
-        run.wait_port = wait
+        run.PORT_WAIT = 10.0
 
 
 def peer_syscalls(tmp, args):
@@ -219,41 +218,6 @@ def peer_syscalls(tmp, args):
     return results
 
 
-def connection_flood(tmp, args, rel, count=5000):
-    """A plaintext client-side proxy (the pair's A) holding `count` idle keep-alive client
-    connections, each after one request, then the same connections closed: RSS before, with
-    them, and 3 s after they closed."""
-    import socket
-    run.REL = rel
-    procs = run.Procs(tmp)
-    try:
-        port, pids, _ = run.start_with_retry("sidemesh-2", procs, tmp, args.backend_port)
-        a = pids[0]
-        req = b"GET / HTTP/1.1\r\nhost: backend\r\n\r\n"
-        for _ in range(50):
-            with socket.create_connection(("127.0.0.1", port)) as s:
-                s.sendall(req)
-                s.recv(4096)
-        time.sleep(1.0)
-        before = run.rss_kib(a)
-        run.raise_nofile()
-        socks = []
-        for _ in range(count):
-            s = socket.create_connection(("127.0.0.1", port))
-            s.sendall(req)
-            s.recv(4096)
-            socks.append(s)
-        time.sleep(1.0)
-        held = run.rss_kib(a)
-        for s in socks:
-            s.close()
-        time.sleep(3.0)
-        after = run.rss_kib(a)
-        return {"count": count, "before": before, "held": held, "after": after}
-    finally:
-        procs.stop()
-
-
 def profile(args):
     tmp = tempfile.mkdtemp(prefix="sidemesh-profile-")
     backend, args.backend_port = run.nginx_backend(tmp)
@@ -263,8 +227,10 @@ def profile(args):
         if args.before:
             builds.append(("before", profile_build("before", os.path.abspath(args.before), tmp, args)))
         builds.append(("after", profile_build("after", after_rel, tmp, args)))
-        floods = [(label, connection_flood(tmp, args, rel)) for label, rel in
-                  ([("before", os.path.abspath(args.before))] if args.before else []) + [("after", after_rel)]]
+        floods = []
+        for label, rel in ([("before", os.path.abspath(args.before))] if args.before else []) + [("after", after_rel)]:
+            run.REL = rel
+            floods.append((label, run.idle_connections(tmp, args.backend_port, 5000)))
         run.REL = after_rel
         peers = peer_syscalls(tmp, args)
     finally:
@@ -325,7 +291,7 @@ def write(args, builds, peers, floods=()):
     lines += [f"| {share * 100:.1f} % | `{name}` |" for share, name in top_functions(dump, 15)]
     if floods:
         count = floods[0][1]["count"]
-        lines += ["", f"Memory of the calling proxy (plaintext pair's A) holding {count:,} idle keep-alive client "
+        lines += ["", f"Memory of a client-side proxy (explicit upstream listener, in front of the backend) holding {count:,} idle keep-alive client "
                   "connections (one request each), and 3 s after they closed (RSS):", "",
                   "| build | idle MiB | with the connections MiB | per connection KiB | 3 s after they closed MiB | "
                   "after / idle |", "|---|---|---|---|---|---|"]

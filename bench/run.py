@@ -47,7 +47,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_port(port, timeout=10.0):
+# How long a started server may take to listen (the profile raises it for proxies under valgrind).
+PORT_WAIT = 10.0
+
+
+def wait_port(port, timeout=None):
+    timeout = timeout or PORT_WAIT
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
@@ -371,6 +376,9 @@ def start_topology(kind, procs, tmp, backend_port, grpc=False):
         wait_port(inbound)
         wait_port(front)
         return front, [a.pid, b.pid], [a.pid, b.pid]
+    if kind == "sidemesh-2-mtls-h1":
+        # As sidemesh-2-mtls with multiplexing off: one TLS connection per concurrent request.
+        return start_sidemesh_mtls(procs, tmp, backend_port, reuse=True, env={"SIDEMESH_HTTP1_MULTIPLEX": "false"})
     if kind in ("sidemesh-2-mtls", "sidemesh-2-mtls-noreuse"):
         # Two proxies in control-plane mode: the control plane's CA certifies both, and A reaches B
         # over mutual TLS 1.3 with SPIFFE checks. -noreuse keeps no idle upstream connection, so
@@ -434,7 +442,7 @@ routes:
 """
 
 
-def start_sidemesh_mtls(procs, tmp, backend_port, reuse, full=False):
+def start_sidemesh_mtls(procs, tmp, backend_port, reuse, full=False, env=None):
     name = "mtls-full" if full else "mtls"
     config_dir = os.path.join(tmp, f"{name}-config")
     os.makedirs(config_dir, exist_ok=True)
@@ -452,11 +460,11 @@ def start_sidemesh_mtls(procs, tmp, backend_port, reuse, full=False):
     front, inbound, admin_a = free_port(), free_port(), free_port()
     b = procs.start([os.path.join(REL, "sidemesh-proxy"), "--service", "backend", *cp, "--proxy-id", "b",
                      "--inbound", f"127.0.0.1:{inbound}", "--app", f"127.0.0.1:{backend_port}",
-                     "--admin", "127.0.0.1:0"], name="proxy-b")
+                     "--admin", "127.0.0.1:0"], env=env, name="proxy-b")
     extra = [] if reuse else ["--max-idle-per-endpoint", "0"]
     a = procs.start([os.path.join(REL, "sidemesh-proxy"), "--service", "client", *cp, "--proxy-id", "a",
                      "--upstream", f"backend=127.0.0.1:{front}", *extra, "--admin", f"127.0.0.1:{admin_a}"],
-                    name="proxy-a")
+                    env=env, name="proxy-a")
     wait_port(front)
     # Ready when A routes to B's inbound listener as a meshed endpoint (pushed by the control plane).
     deadline = time.time() + 15
@@ -558,7 +566,8 @@ def h2load(port, requests, body_file):
 
 
 def idle_connections(tmp, backend_port, count):
-    """RSS growth of one proxy holding `count` idle keep-alive client connections."""
+    """One proxy holding `count` idle keep-alive client connections (one request each), then the
+    same connections closed: its RSS before, with them, and 3 s after they closed (KiB)."""
     procs = Procs(tmp)
     try:
         front = free_port()
@@ -581,10 +590,11 @@ def idle_connections(tmp, backend_port, count):
             s.recv(4096)
             socks.append(s)
         time.sleep(1.0)
-        after = rss_kib(p.pid)
+        held = rss_kib(p.pid)
         for s in socks:
             s.close()
-        return before, after
+        time.sleep(3.0)
+        return {"count": count, "before": before, "held": held, "after": rss_kib(p.pid)}
     finally:
         procs.stop()
 
@@ -702,6 +712,35 @@ def replace_section(path, name, body):
         text = text.rstrip() + "\n\n" + block + "\n"
     with open(path, "w") as f:
         f.write(text)
+
+
+def multiplexing(args):
+    """The mTLS pair with HTTP/1.x multiplexed between the proxies (the default) and without
+    (`--http1-multiplex=false`), interleaved, at --connections and --wide client connections."""
+    tmp = tempfile.mkdtemp(prefix="sidemesh-bench-")
+    kinds = ["sidemesh-2-mtls", "sidemesh-2-mtls-h1"]
+    res = {k: {} for k in kinds}
+    backend, backend_port = nginx_backend(tmp)
+    try:
+        interleave(args, tmp, res, kinds, backend_port, wide=args.wide)
+    finally:
+        backend.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    on, off = kinds
+    lines = ["## Multiplexing between the proxies: what it costs", "",
+             f"Produced by `bench/run.sh --only multiplex --rounds {args.rounds} --connections {args.connections} "
+             f"--wide {args.wide}` on {time.strftime('%Y-%m-%d')}: the suite's Sidemesh mTLS pair with HTTP/1.x "
+             "multiplexed over one HTTP/2 connection between A and B (the default), and with "
+             "`--http1-multiplex=false` (one TLS connection per concurrent request), interleaved in each round; "
+             "medians with the spread over rounds, ratios of the same round.", "",
+             "| clients | CPU us per request, multiplexed | one connection per request | multiplexed / not | "
+             "req/s, multiplexed | not |", "|---|---|---|---|---|---|"]
+    for label, cpu, rps in ((args.connections, "cpu_us", "rps"), (args.wide, "cpu_us_wide", "rps_wide")):
+        ratio = "{:.2f}x ({:.2f}-{:.2f})".format(*per_round(res, on, off, cpu))
+        lines.append(f"| {label} | {fmt_spread(res[on][cpu], '{:.1f}')} | {fmt_spread(res[off][cpu], '{:.1f}')} | "
+                     f"{ratio} | {fmt_spread(res[on][rps])} | {fmt_spread(res[off][rps])} |")
+    replace_section(args.out, "multiplex", "\n".join(lines))
+    print("\n".join(lines))
 
 
 def control_plane(args):
@@ -1065,7 +1104,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
     ap.add_argument("--grpc-requests", type=int, default=40000)
     ap.add_argument("--only", choices=["suite", "data-plane", "control-plane", "policies", "mtls", "tracing",
-                                       "profile"],
+                                       "profile", "multiplex"],
                     help="one section (default: the suite, the report's main section)")
     ap.add_argument("--all", action="store_true", help="every section, the suite first")
     ap.add_argument("--cp-proxies", default="1000,10000")
@@ -1087,6 +1126,9 @@ def main():
         return
     if args.only == "policies":
         policies(args)
+        return
+    if args.only == "multiplex":
+        multiplexing(args)
         return
     if args.only == "mtls":
         mtls(args)
@@ -1125,7 +1167,8 @@ def data_plane(args):
     wait_port(grpc_port)
     try:
         interleave(args, tmp, results, http_kinds, backend_port, grpc, grpc_kinds, grpc_port, body_file)
-        idle_before, idle_after = idle_connections(tmp, backend_port, args.idle)
+        idle = idle_connections(tmp, backend_port, args.idle)
+        idle_before, idle_after = idle["before"], idle["held"]
     finally:
         backend.stop()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -7,7 +7,8 @@
 #                                # mTLS with policies and tracing) vs nginx and HAProxy mTLS pairs,
 #                                # HTTP/1.1 and gRPC; 3 interleaved rounds, about 15 minutes on 2 cores
 #   bench/run.sh --rounds 5      # more rounds, tighter spread
-#   bench/run.sh --only mtls     # one other section (data-plane, control-plane, policies, mtls, tracing)
+#   bench/run.sh --only mtls     # one other section (data-plane, control-plane, policies, mtls, tracing,
+#                                # multiplex: the mTLS pair with and without HTTP/1.x multiplexing)
 #   bench/run.sh --all           # every section
 #   bench/run.sh --only profile [--before DIR]
 #                                # instructions (callgrind) and syscalls (perf trace) per request of

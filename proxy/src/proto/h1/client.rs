@@ -139,14 +139,7 @@ pub async fn resend(
     let ex = Exchange {
         conn,
         body: crate::proto::body::empty(),
-        writer: BodyWriter {
-            framing: Framing::Empty,
-            remaining: 0,
-            done: true,
-            failed: false,
-            out: again.head,
-            written: 0,
-        },
+        writer: BodyWriter::new(Framing::Empty, again.head),
         meta: again.meta,
     };
     whole_request(ex, cfg, on_idle).await
@@ -179,17 +172,7 @@ impl Exchange {
             // An HTTP/1.0 upstream request has a length or no body: the server refuses chunked.
             _ => Framing::Chunked,
         };
-        let writer = BodyWriter {
-            framing,
-            remaining: match framing {
-                Framing::Length(n) => n,
-                _ => 0,
-            },
-            done: framing == Framing::Empty,
-            failed: false,
-            out: request_head(&parts, framing),
-            written: 0,
-        };
+        let writer = BodyWriter::new(framing, request_head(&parts, framing));
         let meta = Meta {
             expects_upgrade: crate::proto::headers::is_upgrade(&parts.headers)
                 || parts.method == Method::CONNECT,
@@ -556,6 +539,21 @@ struct BodyWriter {
 }
 
 impl BodyWriter {
+    /// A writer whose `out` holds the encoded head, for a body in `framing`.
+    fn new(framing: Framing, head: Vec<u8>) -> Self {
+        Self {
+            framing,
+            remaining: match framing {
+                Framing::Length(n) => n,
+                _ => 0,
+            },
+            done: framing == Framing::Empty,
+            failed: false,
+            out: head,
+            written: 0,
+        }
+    }
+
     /// Adds the frames of the body that are ready now (a body already in memory) to the head
     /// in `out`, so that head and body go in one write; a pending body is left to `next`.
     /// Stops at 64 KiB, or when the body ended (then `done`).
