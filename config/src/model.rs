@@ -49,6 +49,8 @@ pub struct Service {
     pub identity: String,
     pub ports: Vec<Port>,
     pub endpoints: Vec<SocketAddr>,
+    /// Each endpoint's balancing weight, in the order of `endpoints` (1 unless given).
+    pub weights: Vec<u32>,
     pub load_balancer: LoadBalancer,
     pub outlier_detection: OutlierDetection,
     pub inbound: InboundPolicy,
@@ -59,6 +61,29 @@ pub struct OutlierDetection {
     pub consecutive_failures: u32,
     pub base_ejection: Duration,
     pub max_ejection: Duration,
+    pub trial_interval: Duration,
+    /// 0 to 100.
+    pub max_ejection_percent: u32,
+    /// 0 to 100.
+    pub panic_threshold: u32,
+    pub interval: Duration,
+    pub success_rate: Option<SuccessRate>,
+    pub failure_percentage: Option<FailurePercentage>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct SuccessRate {
+    pub minimum_hosts: u32,
+    pub request_volume: u32,
+    pub stdev_factor: f64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct FailurePercentage {
+    /// 1 to 100.
+    pub threshold: u32,
+    pub minimum_hosts: u32,
+    pub request_volume: u32,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -74,6 +99,8 @@ pub enum LoadBalancer {
     LeastRequest,
     RoundRobin,
     ConsistentHash { header: String },
+    Random,
+    WeightedRoundRobin,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -114,6 +141,9 @@ pub struct Route {
     pub timeout: Option<Duration>,
     pub retry: Option<RetryPolicy>,
     pub rate_limit: Option<RateLimit>,
+    /// Application statuses that count as the endpoint failing (statuses only: connect
+    /// failures and resets always count).
+    pub failure_statuses: Vec<RetryOn>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

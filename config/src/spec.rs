@@ -115,9 +115,10 @@ pub struct ServiceSpec {
     /// and is never called).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ports: Vec<PortSpec>,
-    /// Static endpoints (`ip:port`) for use without discovery, e.g. on a laptop.
+    /// Static endpoints for use without discovery, e.g. on a laptop: `ip:port`, or
+    /// `{address: ip:port, weight: 3}` for `weightedRoundRobin`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub endpoints: Vec<String>,
+    pub endpoints: Vec<EndpointSpec>,
     /// How a caller's proxy picks an endpoint. Default `leastRequest`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancerSpec>,
@@ -127,6 +128,43 @@ pub struct ServiceSpec {
     /// Policy enforced by the service's own proxy on calls it receives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inbound: Option<InboundSpec>,
+}
+
+/// A static endpoint: `ip:port`, or an address with a balancing weight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum EndpointSpec {
+    /// `ip:port`, weight 1.
+    Address(String),
+    /// An address with its weight.
+    Weighted(WeightedEndpointSpec),
+}
+
+/// An endpoint with a weight.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct WeightedEndpointSpec {
+    /// `ip:port`.
+    pub address: String,
+    /// Share of requests under `weightedRoundRobin`, 1 to 10000 (relative to the other endpoints). Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+}
+
+impl EndpointSpec {
+    /// The `ip:port` text.
+    pub fn address(&self) -> &str {
+        match self {
+            EndpointSpec::Address(a) => a,
+            EndpointSpec::Weighted(w) => &w.address,
+        }
+    }
+}
+
+impl From<String> for EndpointSpec {
+    fn from(address: String) -> Self {
+        EndpointSpec::Address(address)
+    }
 }
 
 /// A port of a service.
@@ -175,22 +213,81 @@ pub enum LoadBalancerPolicy {
     RoundRobin,
     /// Requests with the same `header` value go to the same endpoint (a hash ring).
     ConsistentHash,
+    /// An endpoint drawn at random, every endpoint equally likely.
+    Random,
+    /// Each endpoint in turn, as often as its `weight` says (smooth: heavy endpoints' turns
+    /// are spread out, not bunched).
+    WeightedRoundRobin,
 }
 
-/// Consecutive failures (5xx answers or failed connections) eject an endpoint for a while;
-/// each ejection in a row lasts twice as long as the last, up to `maxEjection`.
+/// When callers stop sending to an endpoint that fails, and how they make sure this never
+/// takes a whole service down. An endpoint's failures are only its own: failed connections,
+/// resets, a peer proxy's report that its application is unreachable, and, on routes that list
+/// them in `failureStatuses`, the application's 5xx answers. A client's faults (aborted or
+/// malformed bodies, cancellations) and the proxy's own limits never count.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct OutlierDetectionSpec {
     /// Failures in a row that eject an endpoint, 1 to 1000. Default 5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consecutive_failures: Option<u32>,
-    /// First ejection's length. Default `10s`.
+    /// First ejection's length; each ejection in a row lasts twice as long as the last. Default `10s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_ejection: Option<Duration>,
     /// Longest ejection. Default `5m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_ejection: Option<Duration>,
+    /// An endpoint ejected for failing in a row gets one trial request this often; an answer readmits it at once. Default `1s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trial_interval: Option<Duration>,
+    /// Most endpoints of the service ejected at once, in percent (0 to 100). Default 50: a service of one or two endpoints always keeps one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ejection_percent: Option<u32>,
+    /// Below this share of healthy endpoints, in percent (0 to 100), ejections are ignored and every endpoint takes traffic. Default 50.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub panic_threshold: Option<u32>,
+    /// The window over which success rates and failure percentages are measured. Default `10s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<Duration>,
+    /// Eject endpoints whose success rate is far below the others'. Off unless given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_rate: Option<SuccessRateSpec>,
+    /// Eject endpoints whose failures pass a fixed percentage. Off unless given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_percentage: Option<FailurePercentageSpec>,
+}
+
+/// Success-rate ejection: over each `interval`, endpoints with at least `requestVolume`
+/// requests are compared; one whose success rate is below the mean minus `stdevFactor`
+/// standard deviations is ejected.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SuccessRateSpec {
+    /// Endpoints with enough requests needed for a comparison, at least 2. Default 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minimum_hosts: Option<u32>,
+    /// Requests an endpoint needs in the interval to be judged, at least 1. Default 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_volume: Option<u32>,
+    /// How many standard deviations below the mean ejects, 0.1 to 10. Default 1.9.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdev_factor: Option<f64>,
+}
+
+/// Failure-percentage ejection: over each `interval`, an endpoint with at least
+/// `requestVolume` requests of which `threshold` percent or more failed is ejected.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FailurePercentageSpec {
+    /// Failure percentage that ejects, 1 to 100. Default 85.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<u32>,
+    /// Endpoints with enough requests needed before any is judged, at least 1. Default 5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minimum_hosts: Option<u32>,
+    /// Requests an endpoint needs in the interval to be judged, at least 1. Default 50.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_volume: Option<u32>,
 }
 
 /// What a service's own proxy enforces on the calls it receives.
@@ -243,6 +340,9 @@ pub struct RouteSpec {
     /// Token bucket applied by the caller's proxy to requests on this route.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitSpec>,
+    /// Application answers on this route that count as the endpoint failing, for outlier detection: `5xx`, `gateway-error` (502/503/504) or status codes 500-599. Default none: an application's error on one URL is not a sick endpoint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failure_statuses: Vec<RetryOn>,
 }
 
 /// One match condition; every field given must match.

@@ -375,13 +375,34 @@ impl Checker {
         }
 
         let mut endpoints = Vec::new();
+        let mut weights = Vec::new();
         for (j, e) in spec.endpoints.iter().enumerate() {
-            match e.parse::<SocketAddr>() {
-                Ok(addr) if addr.port() != 0 => endpoints.push(addr),
+            let (epath, weight) = match e {
+                EndpointSpec::Address(_) => (format!("{path}.endpoints[{j}]"), 1),
+                EndpointSpec::Weighted(w) => (
+                    format!("{path}.endpoints[{j}].address"),
+                    w.weight.unwrap_or(1),
+                ),
+            };
+            if !(1..=MAX_WEIGHT).contains(&weight) {
+                self.error(
+                    doc,
+                    &format!("{path}.endpoints[{j}].weight"),
+                    format!("must be between 1 and {MAX_WEIGHT}, got {weight}"),
+                );
+            }
+            match e.address().parse::<SocketAddr>() {
+                Ok(addr) if addr.port() != 0 => {
+                    endpoints.push(addr);
+                    weights.push(weight);
+                }
                 _ => self.error(
                     doc,
-                    &format!("{path}.endpoints[{j}]"),
-                    format!("invalid endpoint `{e}`: expected ip:port, e.g. `127.0.0.1:8080`"),
+                    &epath,
+                    format!(
+                        "invalid endpoint `{}`: expected ip:port, e.g. `127.0.0.1:8080`",
+                        e.address()
+                    ),
                 ),
             }
         }
@@ -391,33 +412,11 @@ impl Checker {
             Some(lb) => self.load_balancer(doc, &format!("{path}.loadBalancer"), lb),
         };
 
-        let outlier = spec.outlier_detection.clone().unwrap_or_default();
-        let consecutive_failures = outlier.consecutive_failures.unwrap_or(5);
-        if !(1..=1000).contains(&consecutive_failures) {
-            self.error(
-                doc,
-                &format!("{path}.outlierDetection.consecutiveFailures"),
-                format!("must be between 1 and 1000, got {consecutive_failures}"),
-            );
-        }
-        let base_ejection = outlier
-            .base_ejection
-            .unwrap_or(duration(StdDuration::from_secs(10)));
-        let max_ejection = outlier
-            .max_ejection
-            .unwrap_or(duration(StdDuration::from_secs(300)).max(base_ejection));
-        if max_ejection < base_ejection {
-            self.error(
-                doc,
-                &format!("{path}.outlierDetection.maxEjection"),
-                format!("must be at least `baseEjection` ({base_ejection}), got {max_ejection}"),
-            );
-        }
-        let outlier_detection = OutlierDetection {
-            consecutive_failures,
-            base_ejection,
-            max_ejection,
-        };
+        let outlier_detection = self.outlier_detection(
+            doc,
+            &format!("{path}.outlierDetection"),
+            &spec.outlier_detection.clone().unwrap_or_default(),
+        );
 
         let mut inbound = InboundPolicy::default();
         if let Some(spec) = &spec.inbound {
@@ -443,9 +442,141 @@ impl Checker {
             service_account,
             ports,
             endpoints,
+            weights,
             load_balancer,
             outlier_detection,
             inbound,
+        }
+    }
+
+    fn outlier_detection(
+        &mut self,
+        doc: &Document<'_>,
+        path: &str,
+        spec: &OutlierDetectionSpec,
+    ) -> OutlierDetection {
+        let consecutive_failures = spec.consecutive_failures.unwrap_or(5);
+        self.within(
+            doc,
+            &format!("{path}.consecutiveFailures"),
+            consecutive_failures,
+            1,
+            1000,
+        );
+        let base_ejection = spec
+            .base_ejection
+            .unwrap_or(duration(StdDuration::from_secs(10)));
+        let max_ejection = spec
+            .max_ejection
+            .unwrap_or(duration(StdDuration::from_secs(300)).max(base_ejection));
+        if max_ejection < base_ejection {
+            self.error(
+                doc,
+                &format!("{path}.maxEjection"),
+                format!("must be at least `baseEjection` ({base_ejection}), got {max_ejection}"),
+            );
+        }
+        let trial_interval = spec
+            .trial_interval
+            .unwrap_or(duration(StdDuration::from_secs(1)));
+        let max_ejection_percent = spec.max_ejection_percent.unwrap_or(50);
+        self.within(
+            doc,
+            &format!("{path}.maxEjectionPercent"),
+            max_ejection_percent,
+            0,
+            100,
+        );
+        let panic_threshold = spec.panic_threshold.unwrap_or(50);
+        self.within(
+            doc,
+            &format!("{path}.panicThreshold"),
+            panic_threshold,
+            0,
+            100,
+        );
+        let interval = spec
+            .interval
+            .unwrap_or(duration(StdDuration::from_secs(10)));
+        let success_rate = spec.success_rate.as_ref().map(|sr| {
+            let spath = format!("{path}.successRate");
+            let minimum_hosts = sr.minimum_hosts.unwrap_or(5);
+            self.within(
+                doc,
+                &format!("{spath}.minimumHosts"),
+                minimum_hosts,
+                2,
+                10_000,
+            );
+            let request_volume = sr.request_volume.unwrap_or(100);
+            self.within(
+                doc,
+                &format!("{spath}.requestVolume"),
+                request_volume,
+                1,
+                1_000_000,
+            );
+            let stdev_factor = sr.stdev_factor.unwrap_or(1.9);
+            if !(0.1..=10.0).contains(&stdev_factor) {
+                self.error(
+                    doc,
+                    &format!("{spath}.stdevFactor"),
+                    format!("must be between 0.1 and 10, got {stdev_factor}"),
+                );
+            }
+            SuccessRate {
+                minimum_hosts,
+                request_volume,
+                stdev_factor,
+            }
+        });
+        let failure_percentage = spec.failure_percentage.as_ref().map(|fp| {
+            let fpath = format!("{path}.failurePercentage");
+            let threshold = fp.threshold.unwrap_or(85);
+            self.within(doc, &format!("{fpath}.threshold"), threshold, 1, 100);
+            let minimum_hosts = fp.minimum_hosts.unwrap_or(5);
+            self.within(
+                doc,
+                &format!("{fpath}.minimumHosts"),
+                minimum_hosts,
+                1,
+                10_000,
+            );
+            let request_volume = fp.request_volume.unwrap_or(50);
+            self.within(
+                doc,
+                &format!("{fpath}.requestVolume"),
+                request_volume,
+                1,
+                1_000_000,
+            );
+            FailurePercentage {
+                threshold,
+                minimum_hosts,
+                request_volume,
+            }
+        });
+        OutlierDetection {
+            consecutive_failures,
+            base_ejection,
+            max_ejection,
+            trial_interval,
+            max_ejection_percent,
+            panic_threshold,
+            interval,
+            success_rate,
+            failure_percentage,
+        }
+    }
+
+    /// An error unless `min <= value <= max`.
+    fn within(&mut self, doc: &Document<'_>, path: &str, value: u32, min: u32, max: u32) {
+        if !(min..=max).contains(&value) {
+            self.error(
+                doc,
+                path,
+                format!("must be between {min} and {max}, got {value}"),
+            );
         }
     }
 
@@ -480,6 +611,8 @@ impl Checker {
             }
             (LoadBalancerPolicy::LeastRequest, None) => LoadBalancer::LeastRequest,
             (LoadBalancerPolicy::RoundRobin, None) => LoadBalancer::RoundRobin,
+            (LoadBalancerPolicy::Random, None) => LoadBalancer::Random,
+            (LoadBalancerPolicy::WeightedRoundRobin, None) => LoadBalancer::WeightedRoundRobin,
         }
     }
 
@@ -734,6 +867,25 @@ impl Checker {
             .as_ref()
             .and_then(|l| self.rate_limit(doc, &format!("{path}.rateLimit"), l, false));
 
+        let failure_statuses = spec.failure_statuses.clone();
+        for (i, on) in failure_statuses.iter().enumerate() {
+            let ok = match on {
+                RetryOn::ServerError | RetryOn::GatewayError => true,
+                RetryOn::Status(code) => (500..=599).contains(code),
+                RetryOn::Reset | RetryOn::ConnectFailure | RetryOn::Grpc(_) => false,
+            };
+            if !ok {
+                self.error(
+                    doc,
+                    &format!("{path}.failureStatuses[{i}]"),
+                    format!(
+                        "`{on}` is not an application status: expected 5xx, gateway-error or a code \
+                         from 500 to 599 (failed connections and resets always count)"
+                    ),
+                );
+            }
+        }
+
         if self.diagnostics.len() != errors {
             return None;
         }
@@ -745,6 +897,7 @@ impl Checker {
             timeout: spec.timeout,
             retry,
             rate_limit,
+            failure_statuses,
         })
     }
 

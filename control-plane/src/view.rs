@@ -69,7 +69,7 @@ pub fn compute(
                 // Registered proxies replace static endpoints: calls go through the server's proxy.
                 spec.endpoints = registered
                     .iter()
-                    .map(|(addr, _)| addr.to_string())
+                    .map(|(addr, _)| addr.to_string().into())
                     .collect();
                 views_endpoints.push(v1::ServiceEndpoints {
                     service: s.id.name.clone(),

@@ -128,5 +128,9 @@ async fn send(
         pool: &proxy.pool,
         metrics: &proxy.metrics,
     };
-    forward::send(sender, endpoint, balancer, tls, req).await
+    let failure_statuses = destination
+        .route()
+        .and_then(|r| r.config.as_ref())
+        .map_or(&[][..], |c| &c.failure_statuses[..]);
+    forward::send(sender, endpoint, balancer, tls, failure_statuses, req).await
 }

@@ -62,6 +62,18 @@ impl Mesh {
         upstreams: &[&str],
         extra: &[&str],
     ) -> Proc {
+        self.proxy_as(service, service, app, upstreams, extra)
+    }
+
+    /// [`Mesh::proxy`] with its own proxy id, for a second replica of a service.
+    pub fn proxy_as(
+        &self,
+        service: &str,
+        id: &str,
+        app: Option<SocketAddr>,
+        upstreams: &[&str],
+        extra: &[&str],
+    ) -> Proc {
         let token = self.path("cp/join-token");
         let app = app.map(|a| a.to_string());
         let upstreams: Vec<String> = upstreams
@@ -74,7 +86,7 @@ impl Mesh {
             "--service".into(),
             format!("{service}.demo"),
             "--proxy-id".into(),
-            service.into(),
+            id.into(),
             "--join-token-file".into(),
             token.to_string_lossy().into_owned(),
             "--trust-bundle".into(),

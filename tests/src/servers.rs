@@ -36,43 +36,72 @@ pub struct EchoServer {
     pub addr: SocketAddr,
     pub id: String,
     healthy: Arc<AtomicBool>,
+    /// Of each 1000 requests, how many get a 500 (spread evenly).
+    failure_permille: Arc<AtomicU64>,
     hits: Arc<AtomicU64>,
     connections: Arc<AtomicU64>,
+    stopped: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl EchoServer {
     pub async fn start(id: &str) -> EchoServer {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind echo server");
+        Self::start_on(id, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// A server on `addr` (port 0: any), e.g. the address of one that was stopped.
+    pub async fn start_on(id: &str, addr: SocketAddr) -> EchoServer {
+        let listener = TcpListener::bind(addr).await.expect("bind echo server");
         let addr = listener.local_addr().expect("addr");
+        let (stopped, _) = tokio::sync::watch::channel(false);
         let server = EchoServer {
             addr,
             id: id.to_string(),
             healthy: Arc::new(AtomicBool::new(true)),
+            failure_permille: Arc::new(AtomicU64::new(0)),
             hits: Arc::new(AtomicU64::new(0)),
             connections: Arc::new(AtomicU64::new(0)),
+            stopped: Arc::new(stopped),
         };
         let state = server.clone();
+        let mut stop = server.stopped.subscribe();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    _ = stop.wait_for(|s| *s) => return,
+                };
+                let Ok((stream, _)) = accepted else {
                     continue;
                 };
                 state.connections.fetch_add(1, Ordering::SeqCst);
                 let state = state.clone();
+                let mut stop = state.stopped.subscribe();
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
                         let state = state.clone();
                         async move { Ok::<_, Infallible>(state.answer(req).await) }
                     });
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                        .await;
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let serve =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    tokio::select! {
+                        _ = serve => {}
+                        _ = stop.wait_for(|s| *s) => {}
+                    }
                 });
             }
         });
         server
+    }
+
+    /// Closes the listener and every connection, as an application that crashed.
+    pub fn stop(&self) {
+        self.stopped.send_replace(true);
+    }
+
+    /// Answers 500 to `permille` of each 1000 requests, spread evenly.
+    pub fn set_failure_permille(&self, permille: u64) {
+        self.failure_permille.store(permille, Ordering::SeqCst);
     }
 
     pub fn set_healthy(&self, healthy: bool) {
@@ -89,7 +118,9 @@ impl EchoServer {
     }
 
     async fn answer(&self, req: Request<Incoming>) -> Response<EchoBody> {
-        self.hits.fetch_add(1, Ordering::SeqCst);
+        let n = self.hits.fetch_add(1, Ordering::SeqCst);
+        let p = self.failure_permille.load(Ordering::SeqCst);
+        let unlucky = n * p / 1000 != (n + 1) * p / 1000;
         let path = req.uri().path().to_string();
         let full = |status: StatusCode, body: String| {
             let mut resp = Response::new(
@@ -100,7 +131,7 @@ impl EchoServer {
             *resp.status_mut() = status;
             resp
         };
-        let mut resp = if !self.healthy.load(Ordering::SeqCst) {
+        let mut resp = if !self.healthy.load(Ordering::SeqCst) || unlucky {
             full(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("{} is unhealthy", self.id),

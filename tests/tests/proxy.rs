@@ -363,9 +363,11 @@ async fn a_failing_endpoint_is_ejected_then_readmitted_when_healthy() {
     let good = EchoServer::start("good").await;
     let bad = EchoServer::start("bad").await;
     bad.set_healthy(false);
-    let outlier = "outlierDetection: {consecutiveFailures: 3, baseEjection: 1s, maxEjection: 10s}\nloadBalancer: {policy: roundRobin}";
+    // Trials every 10 s: the endpoint stays out for this test unless it answers one.
+    let outlier = "outlierDetection: {consecutiveFailures: 3, baseEjection: 1s, maxEjection: 10s, trialInterval: 10s}\nloadBalancer: {policy: roundRobin}";
+    let routes = "  - name: all\n    service: app\n    failureStatuses: [5xx]\n";
     let proxy = TestProxy::start(
-        &mesh(&[("app", vec![good.addr, bad.addr], outlier)], ""),
+        &mesh(&[("app", vec![good.addr, bad.addr], outlier)], routes),
         "client",
         &["app"],
         |_| {},
@@ -390,7 +392,7 @@ async fn a_failing_endpoint_is_ejected_then_readmitted_when_healthy() {
         .body;
     assert!(
         metrics.contains(&format!(
-            "sidemesh_endpoint_ejections_total{{service=\"app.default\",endpoint=\"{}\"}} 1",
+            "sidemesh_endpoint_ejections_total{{service=\"app.default\",endpoint=\"{}\",reason=\"consecutive-failures\"}} 1",
             bad.addr
         )),
         "{metrics}"
@@ -416,9 +418,11 @@ async fn a_failing_endpoint_is_ejected_then_readmitted_when_healthy() {
 async fn every_endpoint_ejected_is_a_503_that_says_so() {
     let bad = EchoServer::start("bad").await;
     bad.set_healthy(false);
-    let outlier = "outlierDetection: {consecutiveFailures: 2, baseEjection: 30s}";
+    // Only an operator who allows every endpoint out and turns panic off gets this answer.
+    let outlier = "outlierDetection: {consecutiveFailures: 2, baseEjection: 30s, trialInterval: 30s, maxEjectionPercent: 100, panicThreshold: 0}";
+    let routes = "  - name: all\n    service: app\n    failureStatuses: [5xx]\n";
     let proxy = TestProxy::start(
-        &mesh(&[("app", vec![bad.addr], outlier)], ""),
+        &mesh(&[("app", vec![bad.addr], outlier)], routes),
         "client",
         &["app"],
         |_| {},

@@ -12,7 +12,7 @@ use crate::stages::ratelimit::{Limiter, Limiters};
 use crate::stages::retry::RetryState;
 use crate::telemetry::metrics::{Direction, Metrics, RouteMetrics};
 use crate::upstream::balance::Balancer;
-use crate::upstream::endpoint::{OutlierPolicy, Registry};
+use crate::upstream::endpoint::Registry;
 
 /// Endpoints that are meshed proxies, with the SPIFFE ID each must present.
 pub type Meshed = HashMap<std::net::SocketAddr, Arc<str>>;
@@ -142,16 +142,13 @@ impl Snapshot {
                 .iter()
                 .map(|addr| registry.get(*addr, meshed.get(addr).cloned()))
                 .collect();
-            let outlier = OutlierPolicy {
-                consecutive_failures: s.outlier_detection.consecutive_failures,
-                base_ejection: s.outlier_detection.base_ejection.get(),
-                max_ejection: s.outlier_detection.max_ejection.get(),
-            };
             let balancer = Balancer::new(
                 s.id.to_string(),
                 s.load_balancer.clone(),
-                outlier,
+                s.outlier_detection,
                 endpoints,
+                s.weights.clone(),
+                metrics.panic_gauge(&s.id.to_string()),
             );
             balancers.insert(s.id.clone(), Arc::new(balancer));
         }
@@ -428,6 +425,8 @@ pub struct SnapshotDump<'a> {
     pub version: u64,
     pub local_service: String,
     pub mesh: &'a Mesh,
+    /// Each service's balancer: endpoints, weights, ejections and panic state.
+    pub balancers: Vec<crate::upstream::balance::BalancerState>,
 }
 
 impl Snapshot {
@@ -436,6 +435,12 @@ impl Snapshot {
             version: self.version,
             local_service: self.local.to_string(),
             mesh: &self.mesh,
+            balancers: {
+                let mut states: Vec<_> =
+                    self.services.values().map(|s| s.balancer.state()).collect();
+                states.sort_by(|a, b| a.service.cmp(&b.service));
+                states
+            },
         }
     }
 }

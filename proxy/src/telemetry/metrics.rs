@@ -57,6 +57,24 @@ struct EndpointLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct EjectionLabels {
+    service: String,
+    endpoint: String,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ServiceLabels {
+    service: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ServiceReasonLabels {
+    service: String,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ReasonLabels {
     reason: &'static str,
 }
@@ -95,7 +113,10 @@ pub struct Metrics {
     open_connections: Family<DirectionLabels, Gauge>,
     connections: Family<ProtocolLabels, Counter>,
     refused_connections: Family<ReasonLabels, Counter>,
-    ejections: Family<EndpointLabels, Counter>,
+    ejections: Family<EjectionLabels, Counter>,
+    readmissions: Family<EndpointLabels, Counter>,
+    spared: Family<ServiceReasonLabels, Counter>,
+    panic: Family<ServiceLabels, Gauge>,
     reloads: Family<ResultLabels, Counter>,
     config_version: Gauge<u64, AtomicU64>,
     rate_limited: Family<RouteLatencyLabels, Counter>,
@@ -173,11 +194,29 @@ impl Metrics {
             "Client connections closed before a request: over the limit, malformed, too slow",
             refused_connections.clone(),
         );
-        let ejections = Family::<EndpointLabels, Counter>::default();
+        let ejections = Family::<EjectionLabels, Counter>::default();
         registry.register(
             "endpoint_ejections",
-            "Endpoints ejected by outlier detection",
+            "Endpoints ejected by outlier detection, by reason",
             ejections.clone(),
+        );
+        let readmissions = Family::<EndpointLabels, Counter>::default();
+        registry.register(
+            "endpoint_readmissions",
+            "Ejected endpoints back in rotation after answering a trial request",
+            readmissions.clone(),
+        );
+        let spared = Family::<ServiceReasonLabels, Counter>::default();
+        registry.register(
+            "ejections_spared",
+            "Ejections not made because the service was at its maxEjectionPercent",
+            spared.clone(),
+        );
+        let panic = Family::<ServiceLabels, Gauge>::default();
+        registry.register(
+            "balancer_panic",
+            "1 while fewer of a service's endpoints are healthy than its panicThreshold: every endpoint takes traffic",
+            panic.clone(),
         );
         let reloads = Family::<ResultLabels, Counter>::default();
         registry.register(
@@ -284,6 +323,9 @@ impl Metrics {
             connections,
             refused_connections,
             ejections,
+            readmissions,
+            spared,
+            panic,
             reloads,
             config_version,
             rate_limited,
@@ -392,13 +434,47 @@ impl Metrics {
             .inc();
     }
 
-    pub fn ejected(&self, service: &str, endpoint: std::net::SocketAddr) {
-        self.ejections
-            .get_or_create(&EndpointLabels {
+    /// Counts what outlier detection did to an endpoint of `service`.
+    pub fn outlier_event(
+        &self,
+        service: &str,
+        endpoint: std::net::SocketAddr,
+        event: crate::upstream::outlier::Event,
+    ) {
+        use crate::upstream::outlier::Event;
+        match event {
+            Event::Ejected(reason) => self
+                .ejections
+                .get_or_create(&EjectionLabels {
+                    service: service.to_string(),
+                    endpoint: endpoint.to_string(),
+                    reason: reason.as_str(),
+                })
+                .inc(),
+            Event::Readmitted => self
+                .readmissions
+                .get_or_create(&EndpointLabels {
+                    service: service.to_string(),
+                    endpoint: endpoint.to_string(),
+                })
+                .inc(),
+            Event::Spared(reason) => self
+                .spared
+                .get_or_create(&ServiceReasonLabels {
+                    service: service.to_string(),
+                    reason: reason.as_str(),
+                })
+                .inc(),
+        };
+    }
+
+    /// The gauge that shows whether `service`'s balancer is in panic.
+    pub fn panic_gauge(&self, service: &str) -> Gauge {
+        self.panic
+            .get_or_create(&ServiceLabels {
                 service: service.to_string(),
-                endpoint: endpoint.to_string(),
             })
-            .inc();
+            .clone()
     }
 
     pub fn reload(&self, applied: bool, version: u64) {

@@ -1,13 +1,13 @@
 //! An upstream endpoint: its pooled connections, the requests in flight to it (for
-//! least-request balancing), and its outlier-detection state.
+//! least-request balancing), and its outlier-detection score (`outlier.rs`).
 //!
 //! Endpoints live in a registry keyed by address and survive config reloads, so pooled
 //! connections and ejections are not lost when the routing YAML changes.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use http::{Request, Response, Version};
@@ -22,14 +22,7 @@ use crate::proto::body::Body;
 use crate::proto::h1;
 use crate::respond::ProxyError;
 use crate::upstream::mux::{MuxPool, Opened, Sent};
-
-/// When consecutive failures eject an endpoint, and for how long.
-#[derive(Debug, Clone, Copy, Serialize)]
-pub struct OutlierPolicy {
-    pub consecutive_failures: u32,
-    pub base_ejection: Duration,
-    pub max_ejection: Duration,
-}
+use crate::upstream::outlier::{EndpointHealth, Reason};
 
 /// Connection settings shared by every endpoint.
 #[derive(Debug, Clone, Copy)]
@@ -49,24 +42,14 @@ pub struct Endpoint {
     /// The SPIFFE ID the endpoint's proxy must present; `None`: not meshed (plaintext).
     pub identity: Option<Arc<str>>,
     in_flight: AtomicUsize,
-    consecutive_failures: AtomicU32,
-    /// Milliseconds since `epoch()` until which the endpoint is ejected (0: not ejected).
-    ejected_until: AtomicU64,
-    ejections: AtomicU32,
+    /// Outlier detection's score of it.
+    pub health: EndpointHealth,
     h1_idle: Mutex<Vec<(h1::client::Conn, Instant)>>,
     h2: tokio::sync::Mutex<Option<http2::SendRequest<Body>>>,
     /// HTTP/1.x multiplexed over HTTP/2 to a meshed peer.
     mux: MuxPool,
     pub connects: AtomicU64,
     pub connect_failures: AtomicU64,
-}
-
-/// Outcome of one request, for outlier detection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Success,
-    /// A 5xx answer or a failed connection.
-    Failure,
 }
 
 /// Decrements the in-flight count when the request (including its response body) is done.
@@ -79,26 +62,13 @@ impl Drop for InFlight {
     }
 }
 
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-fn now_ms() -> u64 {
-    u64::try_from(epoch().elapsed().as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1)
-}
-
 impl Endpoint {
     fn new(addr: SocketAddr, identity: Option<Arc<str>>) -> Self {
         Self {
             addr,
             identity,
             in_flight: AtomicUsize::new(0),
-            consecutive_failures: AtomicU32::new(0),
-            ejected_until: AtomicU64::new(0),
-            ejections: AtomicU32::new(0),
+            health: EndpointHealth::default(),
             h1_idle: Mutex::new(Vec::new()),
             h2: tokio::sync::Mutex::new(None),
             mux: MuxPool::default(),
@@ -114,44 +84,6 @@ impl Endpoint {
     pub fn start(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
-    }
-
-    pub fn is_ejected(&self) -> bool {
-        let until = self.ejected_until.load(Ordering::Relaxed);
-        until != 0 && now_ms() < until
-    }
-
-    /// Records an outcome; returns true when this failure ejected the endpoint.
-    pub fn report(&self, outcome: Outcome, policy: &OutlierPolicy) -> bool {
-        match outcome {
-            Outcome::Success => {
-                self.consecutive_failures.store(0, Ordering::Relaxed);
-                // Healthy again after an ejection: the next ejection starts from the base interval.
-                if self.ejected_until.load(Ordering::Relaxed) != 0 && !self.is_ejected() {
-                    self.ejected_until.store(0, Ordering::Relaxed);
-                    self.ejections.store(0, Ordering::Relaxed);
-                }
-                false
-            }
-            Outcome::Failure => {
-                let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-                if failures < policy.consecutive_failures || self.is_ejected() {
-                    return false;
-                }
-                // Each ejection in a row lasts longer: base x 2^(n-1), capped.
-                let n = self.ejections.fetch_add(1, Ordering::Relaxed).min(16);
-                let interval = policy
-                    .base_ejection
-                    .saturating_mul(1 << n)
-                    .min(policy.max_ejection);
-                let until = now_ms()
-                    .saturating_add(u64::try_from(interval.as_millis()).unwrap_or(u64::MAX));
-                self.ejected_until.store(until, Ordering::Relaxed);
-                self.consecutive_failures.store(0, Ordering::Relaxed);
-                tracing::warn!(endpoint = %self.addr, ejected_for = ?interval, "endpoint ejected after consecutive failures");
-                true
-            }
-        }
     }
 
     /// Sends a request over a pooled connection of the request's HTTP version. New
@@ -401,7 +333,6 @@ impl Endpoint {
     }
 }
 
-/// A copy of a request that has no body, to send it again.
 /// What `/config_dump` shows of an endpoint.
 #[derive(Debug, Serialize)]
 pub struct EndpointState {
@@ -410,6 +341,9 @@ pub struct EndpointState {
     pub identity: Option<String>,
     pub in_flight: usize,
     pub ejected: bool,
+    /// Why it is ejected (`consecutive-failures`, `success-rate`, `failure-percentage`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ejected_for: Option<Reason>,
     pub connects: u64,
     pub connect_failures: u64,
     /// Open HTTP/2 connections carrying this endpoint's HTTP/1.x requests (`proto::mux`).
@@ -474,7 +408,8 @@ impl Registry {
                 addr: ep.addr,
                 identity: ep.identity.as_deref().map(str::to_string),
                 in_flight: ep.in_flight(),
-                ejected: ep.is_ejected(),
+                ejected: ep.health.is_ejected(),
+                ejected_for: ep.health.ejected_for(),
                 connects: ep.connects.load(Ordering::Relaxed),
                 connect_failures: ep.connect_failures.load(Ordering::Relaxed),
                 multiplexed_connections: ep.mux.open_connections(),
@@ -482,45 +417,5 @@ impl Registry {
             .collect();
         states.sort_by_key(|s| s.addr);
         states
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn consecutive_failures_eject_for_a_growing_interval() {
-        let ep = Endpoint::new(SocketAddr::from(([127, 0, 0, 1], 1)), None);
-        let policy = OutlierPolicy {
-            consecutive_failures: 3,
-            base_ejection: Duration::from_millis(40),
-            max_ejection: Duration::from_secs(1),
-        };
-        assert!(!ep.report(Outcome::Failure, &policy));
-        assert!(!ep.report(Outcome::Failure, &policy));
-        assert!(
-            ep.report(Outcome::Failure, &policy),
-            "third failure in a row ejects"
-        );
-        assert!(ep.is_ejected());
-        std::thread::sleep(Duration::from_millis(60));
-        assert!(!ep.is_ejected(), "readmitted after the base interval");
-        for _ in 0..3 {
-            ep.report(Outcome::Failure, &policy);
-        }
-        std::thread::sleep(Duration::from_millis(60));
-        assert!(
-            ep.is_ejected(),
-            "second ejection in a row lasts twice as long"
-        );
-        std::thread::sleep(Duration::from_millis(40));
-        assert!(!ep.is_ejected());
-        assert!(!ep.report(Outcome::Success, &policy));
-        assert_eq!(
-            ep.ejections.load(Ordering::Relaxed),
-            0,
-            "success resets the backoff"
-        );
     }
 }

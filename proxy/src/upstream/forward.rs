@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
+use sidemesh_config::RetryOn;
 
 use crate::identity::workload::Credentials;
 use crate::proto::body::{Body, Guarded};
@@ -14,7 +15,8 @@ use crate::proto::headers;
 use crate::respond::ProxyError;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::balance::Balancer;
-use crate::upstream::endpoint::{Endpoint, Outcome, PoolConfig};
+use crate::upstream::endpoint::{Endpoint, PoolConfig};
+use crate::upstream::outlier::Outcome;
 
 /// The endpoint that answered, in the response's extensions (for spans).
 #[derive(Debug, Clone, Copy)]
@@ -28,13 +30,63 @@ pub struct Sender<'a> {
     pub metrics: &'a Metrics,
 }
 
+/// Codes a peer proxy marks its answer with when its application could not be reached or
+/// failed it: the endpoint's failure (the peer itself is up). Every other marked answer is
+/// the peer refusing the client (a limit, a denial, a bad request).
+const PEER_ENDPOINT_FAILURES: [&str; 4] = [
+    "upstream-connect-failure",
+    "upstream-failure",
+    "upstream-tls-failure",
+    "overloaded",
+];
+
+/// Whether an attempt's result is the endpoint's own success or failure, or says nothing of
+/// its health (`None`): a client's fault, the proxy's own limit or timeout, a peer proxy
+/// refusing the client, or an application error on a route that does not count it
+/// (`failure_statuses`). `peer` is true when the endpoint is a proxy that proved its identity,
+/// whose `x-sidemesh-error` marker is then believed.
+pub fn classify(
+    sent: &Result<Response<Body>, ProxyError>,
+    failure_statuses: &[RetryOn],
+    peer: bool,
+) -> Option<Outcome> {
+    match sent {
+        Ok(resp) => {
+            let marker = peer
+                .then(|| resp.headers().get(crate::respond::ERROR_HEADER))
+                .flatten();
+            let status = resp.status().as_u16();
+            match marker {
+                Some(code) if PEER_ENDPOINT_FAILURES.iter().any(|c| code == c) => {
+                    Some(Outcome::Failure)
+                }
+                Some(_) => None,
+                None if failure_statuses.iter().any(|on| match on {
+                    RetryOn::ServerError => status >= 500,
+                    RetryOn::GatewayError => matches!(status, 502..=504),
+                    RetryOn::Status(code) => status == *code,
+                    _ => false,
+                }) =>
+                {
+                    Some(Outcome::Failure)
+                }
+                None => Some(Outcome::Success),
+            }
+        }
+        Err(e) if e.counts_against_endpoint() => Some(Outcome::Failure),
+        Err(_) => None,
+    }
+}
+
 /// Sends `req` to `endpoint` (picked from `balancer`, or a direct destination without one),
-/// in mutual TLS when `tls` is given, and reports the outcome to outlier detection.
+/// in mutual TLS when `tls` is given, and reports the outcome to outlier detection, where
+/// the route's `failure_statuses` say which application answers count as failures.
 pub async fn send(
     sender: Sender<'_>,
     endpoint: &Arc<Endpoint>,
     balancer: Option<&Balancer>,
     tls: Option<Arc<Credentials>>,
+    failure_statuses: &[RetryOn],
     req: Request<Body>,
 ) -> Result<Response<Body>, ProxyError> {
     let in_flight = endpoint.start();
@@ -61,17 +113,11 @@ pub async fn send(
     } else {
         endpoint.send(req, sender.pool, tls.as_deref()).await
     };
-    let outcome = match &sent {
-        Ok(resp) if resp.status().is_server_error() => Some(Outcome::Failure),
-        Ok(_) => Some(Outcome::Success),
-        Err(e) if e.counts_against_endpoint() => Some(Outcome::Failure),
-        // The client's faults and answers beyond the proxy's limits say nothing of the
-        // endpoint's health.
-        Err(_) => None,
-    };
-    if let (Some(balancer), Some(outcome)) = (balancer, outcome) {
-        if endpoint.report(outcome, &balancer.outlier) {
-            sender.metrics.ejected(&balancer.service, endpoint.addr);
+    if let Some(balancer) = balancer {
+        if let Some(outcome) = classify(&sent, failure_statuses, tls.is_some()) {
+            balancer.report(endpoint, outcome, |addr, event| {
+                sender.metrics.outlier_event(&balancer.service, addr, event);
+            });
         }
     }
     let resp = sent?;

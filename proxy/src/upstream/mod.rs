@@ -5,3 +5,4 @@ pub mod balance;
 pub mod endpoint;
 pub mod forward;
 pub mod mux;
+pub mod outlier;
