@@ -293,6 +293,7 @@ pub async fn build(args: Args) -> Result<App, StartError> {
         app: args.app,
         pool: PoolConfig {
             connect_timeout: args.timeouts.connect,
+            tls_handshake_timeout: args.timeouts.tls_handshake,
             idle_timeout: args.timeouts.idle,
             max_idle: args.limits.max_idle_per_endpoint,
             response_limits: crate::proto::h1::head::HeadLimits {

@@ -203,6 +203,13 @@ pub struct Timeouts {
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     #[serde(serialize_with = "as_display")]
     pub connect: Duration,
+    /// The mutual-TLS handshake with a meshed endpoint, after its TCP connect. Longer than
+    /// `connect`: a peer proxy stalled for a second or two (a starved core, a GC-paused node)
+    /// still has its kernel accept the connection, and answers the handshake once it runs
+    /// again; failing then would turn a delay into an error.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    #[serde(serialize_with = "as_display")]
+    pub tls_handshake: Duration,
     /// Pooled upstream connections idle longer than this are closed.
     #[arg(long, value_parser = parse_duration, default_value = "60s")]
     #[serde(serialize_with = "as_display")]
@@ -326,6 +333,7 @@ impl Default for Timeouts {
             keepalive: Duration::from_secs(75),
             body: Duration::from_secs(60),
             connect: Duration::from_secs(1),
+            tls_handshake: Duration::from_secs(5),
             idle: Duration::from_secs(60),
             drain: Duration::from_secs(10),
             reload_interval: Duration::from_millis(250),

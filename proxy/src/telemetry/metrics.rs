@@ -434,38 +434,35 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts what outlier detection did to an endpoint of `service`.
-    pub fn outlier_event(
-        &self,
-        service: &str,
-        endpoint: std::net::SocketAddr,
-        event: crate::upstream::outlier::Event,
-    ) {
-        use crate::upstream::outlier::Event;
-        match event {
-            Event::Ejected(reason) => self
-                .ejections
-                .get_or_create(&EjectionLabels {
-                    service: service.to_string(),
-                    endpoint: endpoint.to_string(),
-                    reason: reason.as_str(),
-                })
-                .inc(),
-            Event::Readmitted => self
-                .readmissions
-                .get_or_create(&EndpointLabels {
-                    service: service.to_string(),
-                    endpoint: endpoint.to_string(),
-                })
-                .inc(),
-            Event::Spared(reason) => self
-                .spared
-                .get_or_create(&ServiceReasonLabels {
-                    service: service.to_string(),
-                    reason: reason.as_str(),
-                })
-                .inc(),
-        };
+    /// Counts an ejection of `endpoint` of `service` by outlier detection, for `reason`.
+    pub fn ejected(&self, service: &str, endpoint: std::net::SocketAddr, reason: &'static str) {
+        self.ejections
+            .get_or_create(&EjectionLabels {
+                service: service.to_string(),
+                endpoint: endpoint.to_string(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Counts an ejected endpoint readmitted after answering a trial request.
+    pub fn readmitted(&self, service: &str, endpoint: std::net::SocketAddr) {
+        self.readmissions
+            .get_or_create(&EndpointLabels {
+                service: service.to_string(),
+                endpoint: endpoint.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts an ejection not made because `service` is at its `maxEjectionPercent`.
+    pub fn spared(&self, service: &str, reason: &'static str) {
+        self.spared
+            .get_or_create(&ServiceReasonLabels {
+                service: service.to_string(),
+                reason,
+            })
+            .inc();
     }
 
     /// The gauge that shows whether `service`'s balancer is in panic.

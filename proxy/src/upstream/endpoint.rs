@@ -28,6 +28,8 @@ use crate::upstream::outlier::{EndpointHealth, Reason};
 #[derive(Debug, Clone, Copy)]
 pub struct PoolConfig {
     pub connect_timeout: Duration,
+    /// The mesh TLS handshake after a connect (see `Timeouts::tls_handshake`).
+    pub tls_handshake_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_idle: usize,
     /// Bounds on upstream HTTP/1 response heads.
@@ -136,7 +138,7 @@ impl Endpoint {
             self.addr.ip(),
             expected,
             carried,
-            pool.connect_timeout,
+            pool.tls_handshake_timeout,
         )
         .await
         {

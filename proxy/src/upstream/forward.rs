@@ -16,7 +16,7 @@ use crate::respond::ProxyError;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::balance::Balancer;
 use crate::upstream::endpoint::{Endpoint, PoolConfig};
-use crate::upstream::outlier::Outcome;
+use crate::upstream::outlier::{Event, Outcome};
 
 /// The endpoint that answered, in the response's extensions (for spans).
 #[derive(Debug, Clone, Copy)]
@@ -115,8 +115,11 @@ pub async fn send(
     };
     if let Some(balancer) = balancer {
         if let Some(outcome) = classify(&sent, failure_statuses, tls.is_some()) {
-            balancer.report(endpoint, outcome, |addr, event| {
-                sender.metrics.outlier_event(&balancer.service, addr, event);
+            let service = &balancer.service;
+            balancer.report(endpoint, outcome, |addr, event| match event {
+                Event::Ejected(reason) => sender.metrics.ejected(service, addr, reason.as_str()),
+                Event::Readmitted => sender.metrics.readmitted(service, addr),
+                Event::Spared(reason) => sender.metrics.spared(service, reason.as_str()),
             });
         }
     }
