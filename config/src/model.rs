@@ -54,6 +54,26 @@ pub struct Service {
     pub load_balancer: LoadBalancer,
     pub outlier_detection: OutlierDetection,
     pub inbound: InboundPolicy,
+    pub circuit_breaker: Option<CircuitBreaker>,
+}
+
+/// Circuit-breaker thresholds; `None`: unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct CircuitBreaker {
+    pub max_requests: Option<u32>,
+    /// Per endpoint.
+    pub max_connections: Option<u32>,
+    /// Waiting for a connection under `max_connections`, for the whole service.
+    pub max_pending_requests: u32,
+}
+
+/// An adaptive concurrency limit's settings, validated (`min <= initial <= max`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct AdaptiveConcurrency {
+    pub initial_limit: u32,
+    pub min_limit: u32,
+    pub max_limit: u32,
+    pub tolerance: f64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -107,6 +127,7 @@ pub enum LoadBalancer {
 pub struct InboundPolicy {
     pub authorization: Option<Authorization>,
     pub rate_limit: Option<RateLimit>,
+    pub adaptive_concurrency: Option<AdaptiveConcurrency>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -144,6 +165,7 @@ pub struct Route {
     /// Application statuses that count as the endpoint failing (statuses only: connect
     /// failures and resets always count).
     pub failure_statuses: Vec<RetryOn>,
+    pub adaptive_concurrency: Option<AdaptiveConcurrency>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

@@ -128,6 +128,48 @@ pub struct ServiceSpec {
     /// Policy enforced by the service's own proxy on calls it receives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inbound: Option<InboundSpec>,
+    /// Bounds each caller's proxy keeps on its traffic to this service; a request beyond one is answered at once with a 503 (`x-sidemesh-error: overflow`). Off unless given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreakerSpec>,
+}
+
+/// Circuit-breaker thresholds, kept by each calling proxy on its own traffic to the service,
+/// e.g. `{maxRequests: 200, maxConnections: 50, maxPendingRequests: 20}`. A request that would
+/// pass one is answered at once with a 503 marked `x-sidemesh-error: overflow`, instead of
+/// waiting without bound behind an upstream that cannot keep up. Each is unlimited unless given.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CircuitBreakerSpec {
+    /// Most requests in flight to the service (all its endpoints together), 1 to 1000000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
+    /// Most connections open to each endpoint of the service, 1 to 100000. A request that finds them all busy waits for one (it is then pending).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Most requests of the service waiting for a connection under `maxConnections`, 0 to 1000000. Default with `maxConnections`: 0 (no waiting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending_requests: Option<u32>,
+}
+
+/// A limit on requests in flight that adjusts itself from measured latency (Netflix's
+/// Gradient2): while latency stays near its long-term level the limit grows; when it rises
+/// past `tolerance` times that level the limit shrinks. Requests beyond the limit are refused
+/// at once with a 503 marked `x-sidemesh-error: overloaded`. `{}` turns it on with defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AdaptiveConcurrencySpec {
+    /// The limit to start from, between `minLimit` and `maxLimit`. Default 20.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_limit: Option<u32>,
+    /// The limit never goes below this, at least 1. Default 4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_limit: Option<u32>,
+    /// The limit never goes above this, at most 100000. Default 1000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_limit: Option<u32>,
+    /// How much latency may grow over its long-term level before the limit shrinks, as a ratio, 1 to 10. Default 1.5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerance: Option<f64>,
 }
 
 /// A static endpoint: `ip:port`, or an address with a balancing weight.
@@ -300,6 +342,9 @@ pub struct InboundSpec {
     /// Token bucket applied to calls the service receives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimitSpec>,
+    /// A self-adjusting limit on the calls the service's proxy lets in at once. Off unless given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive_concurrency: Option<AdaptiveConcurrencySpec>,
 }
 
 /// Allow and deny lists of caller identities. Deny wins over allow.
@@ -343,6 +388,9 @@ pub struct RouteSpec {
     /// Application answers on this route that count as the endpoint failing, for outlier detection: `5xx`, `gateway-error` (502/503/504) or status codes 500-599. Default none: an application's error on one URL is not a sick endpoint.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failure_statuses: Vec<RetryOn>,
+    /// A self-adjusting limit, kept by each caller's proxy, on this route's requests in flight. Off unless given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive_concurrency: Option<AdaptiveConcurrencySpec>,
 }
 
 /// One match condition; every field given must match.

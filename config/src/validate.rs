@@ -431,7 +431,17 @@ impl Checker {
                 inbound.rate_limit =
                     self.rate_limit(doc, &format!("{path}.inbound.rateLimit"), limit, true);
             }
+            if let Some(adaptive) = &spec.adaptive_concurrency {
+                inbound.adaptive_concurrency = Some(self.adaptive_concurrency(
+                    doc,
+                    &format!("{path}.inbound.adaptiveConcurrency"),
+                    adaptive,
+                ));
+            }
         }
+        let circuit_breaker = spec.circuit_breaker.as_ref().map(|cb| {
+            self.circuit_breaker(doc, &format!("{path}.circuitBreaker"), cb)
+        });
 
         Service {
             identity: spiffe_id(&settings.trust_domain, &namespace, &service_account),
@@ -446,6 +456,83 @@ impl Checker {
             load_balancer,
             outlier_detection,
             inbound,
+            circuit_breaker,
+        }
+    }
+
+    fn circuit_breaker(
+        &mut self,
+        doc: &Document<'_>,
+        path: &str,
+        spec: &CircuitBreakerSpec,
+    ) -> CircuitBreaker {
+        if let Some(n) = spec.max_requests {
+            self.within(doc, &format!("{path}.maxRequests"), n, 1, 1_000_000);
+        }
+        if let Some(n) = spec.max_connections {
+            self.within(doc, &format!("{path}.maxConnections"), n, 1, 100_000);
+        }
+        if let Some(n) = spec.max_pending_requests {
+            self.within(doc, &format!("{path}.maxPendingRequests"), n, 0, 1_000_000);
+            if spec.max_connections.is_none() {
+                self.error(
+                    doc,
+                    &format!("{path}.maxPendingRequests"),
+                    "requests only wait for a connection under `maxConnections`: set it too, or drop this",
+                );
+            }
+        }
+        CircuitBreaker {
+            max_requests: spec.max_requests,
+            max_connections: spec.max_connections,
+            max_pending_requests: spec.max_pending_requests.unwrap_or(0),
+        }
+    }
+
+    fn adaptive_concurrency(
+        &mut self,
+        doc: &Document<'_>,
+        path: &str,
+        spec: &AdaptiveConcurrencySpec,
+    ) -> AdaptiveConcurrency {
+        let min_limit = spec.min_limit.unwrap_or(4);
+        self.within(doc, &format!("{path}.minLimit"), min_limit, 1, 100_000);
+        let max_limit = spec.max_limit.unwrap_or(1000).max(min_limit.min(100_000));
+        if let Some(max) = spec.max_limit {
+            self.within(doc, &format!("{path}.maxLimit"), max, 1, 100_000);
+            if max < min_limit {
+                self.error(
+                    doc,
+                    &format!("{path}.maxLimit"),
+                    format!("must be at least `minLimit` ({min_limit}), got {max}"),
+                );
+            }
+        }
+        let initial_limit = spec.initial_limit.unwrap_or(20).clamp(min_limit, max_limit);
+        if let Some(initial) = spec.initial_limit {
+            if !(min_limit..=max_limit).contains(&initial) {
+                self.error(
+                    doc,
+                    &format!("{path}.initialLimit"),
+                    format!(
+                        "must be between `minLimit` ({min_limit}) and `maxLimit` ({max_limit}), got {initial}"
+                    ),
+                );
+            }
+        }
+        let tolerance = spec.tolerance.unwrap_or(1.5);
+        if !(1.0..=10.0).contains(&tolerance) {
+            self.error(
+                doc,
+                &format!("{path}.tolerance"),
+                format!("must be between 1 and 10, got {tolerance}"),
+            );
+        }
+        AdaptiveConcurrency {
+            initial_limit,
+            min_limit,
+            max_limit,
+            tolerance,
         }
     }
 
@@ -867,6 +954,10 @@ impl Checker {
             .as_ref()
             .and_then(|l| self.rate_limit(doc, &format!("{path}.rateLimit"), l, false));
 
+        let adaptive_concurrency = spec.adaptive_concurrency.as_ref().map(|a| {
+            self.adaptive_concurrency(doc, &format!("{path}.adaptiveConcurrency"), a)
+        });
+
         let failure_statuses = spec.failure_statuses.clone();
         for (i, on) in failure_statuses.iter().enumerate() {
             let ok = match on {
@@ -898,6 +989,7 @@ impl Checker {
             retry,
             rate_limit,
             failure_statuses,
+            adaptive_concurrency,
         })
     }
 

@@ -7,7 +7,10 @@
 //! A service's row is its inbound side: the requests its proxies accepted, their success rate
 //! (not 5xx) and latency to response headers. Retries and rate-limited requests are counted
 //! against the service that was called, whichever proxy made or refused them: a caller's
-//! outbound limit refuses requests before they reach the service. Denied requests are refused
+//! outbound limit refuses requests before they reach the service. `SHED/s` counts the
+//! requests an adaptive concurrency limit shed or a circuit breaker refused (503s the proxy
+//! answered at once to spare an overloaded service), against the service that was
+//! spared. Denied requests are refused
 //! by the service's authorization policy. `MTLS` is the share of inbound requests that came
 //! over mutual TLS.
 
@@ -104,6 +107,8 @@ pub struct Counters {
     pub buckets: Vec<(f64, f64)>,
     pub retries: f64,
     pub rate_limited: f64,
+    /// Shed by an adaptive concurrency limit or a circuit breaker's threshold (503).
+    pub shed: f64,
     pub denied: f64,
     pub mtls_requests: f64,
     pub plaintext_requests: f64,
@@ -137,6 +142,7 @@ impl Counters {
             buckets,
             retries: d(self.retries, earlier.retries),
             rate_limited: d(self.rate_limited, earlier.rate_limited),
+            shed: d(self.shed, earlier.shed),
             denied: d(self.denied, earlier.denied),
             mtls_requests: d(self.mtls_requests, earlier.mtls_requests),
             plaintext_requests: d(self.plaintext_requests, earlier.plaintext_requests),
@@ -148,6 +154,7 @@ impl Counters {
         self.failures += other.failures;
         self.retries += other.retries;
         self.rate_limited += other.rate_limited;
+        self.shed += other.shed;
         self.denied += other.denied;
         self.mtls_requests += other.mtls_requests;
         self.plaintext_requests += other.plaintext_requests;
@@ -229,6 +236,12 @@ pub fn attribute(samples: &[Sample], local: &str, into: &mut BTreeMap<String, Co
                     c.rate_limited += s.value;
                 }
             }
+            "sidemesh_adaptive_concurrency_shed_total" | "sidemesh_circuit_breaker_overflow_total" => {
+                let Some(service) = s.label("service") else {
+                    continue;
+                };
+                into.entry(service.to_string()).or_default().shed += s.value;
+            }
             "sidemesh_denied_requests_total" => {
                 into.entry(local.to_string()).or_default().denied += s.value;
             }
@@ -257,8 +270,10 @@ pub struct Reading {
 }
 
 /// The metric families the table is made of; the control plane passes only these on.
-const FAMILIES: [&str; 7] = [
+const FAMILIES: [&str; 9] = [
     "sidemesh_requests_total",
+    "sidemesh_adaptive_concurrency_shed_total",
+    "sidemesh_circuit_breaker_overflow_total",
     "sidemesh_grpc_errors_total",
     "sidemesh_request_duration_seconds_bucket",
     "sidemesh_retries_total",
@@ -437,6 +452,8 @@ pub struct Row {
     pub p99: Option<Duration>,
     pub retries_per_sec: f64,
     pub rate_limited_per_sec: f64,
+    /// Shed (adaptive concurrency) or refused at a circuit breaker, per second.
+    pub shed_per_sec: f64,
     pub denied_per_sec: f64,
     /// Share of inbound requests over mutual TLS; `None` without requests.
     pub mtls: Option<f64>,
@@ -483,6 +500,7 @@ impl Table {
                 p99: None,
                 retries_per_sec: 0.0,
                 rate_limited_per_sec: 0.0,
+                shed_per_sec: 0.0,
                 denied_per_sec: 0.0,
                 mtls: None,
             });
@@ -502,6 +520,7 @@ impl Table {
             row.p99 = c.quantile(0.99);
             row.retries_per_sec = c.retries / secs;
             row.rate_limited_per_sec = c.rate_limited / secs;
+            row.shed_per_sec = c.shed / secs;
             row.denied_per_sec = c.denied / secs;
             let by_client = c.mtls_requests + c.plaintext_requests;
             row.mtls = (by_client > 0.0).then(|| c.mtls_requests / by_client);
@@ -514,7 +533,7 @@ impl Table {
     }
 
     /// The column names, in order; each row renders to as many cells.
-    pub const HEADER: [&'static str; 11] = [
+    pub const HEADER: [&'static str; 12] = [
         "SERVICE",
         "NAMESPACE",
         "MESHED",
@@ -524,11 +543,12 @@ impl Table {
         "P99",
         "RETRY/s",
         "LIMITED/s",
+        "SHED/s",
         "DENIED/s",
         "MTLS",
     ];
 
-    fn cells(row: &Row) -> [String; 11] {
+    fn cells(row: &Row) -> [String; 12] {
         let dash = || "-".to_string();
         let rate = |v: f64| format!("{v:.1}");
         let share = |v: Option<f64>| v.map_or_else(dash, |s| format!("{:.1}%", s * 100.0));
@@ -542,6 +562,7 @@ impl Table {
             row.p99.map_or_else(dash, latency),
             rate(row.retries_per_sec),
             rate(row.rate_limited_per_sec),
+            rate(row.shed_per_sec),
             rate(row.denied_per_sec),
             share(row.mtls),
         ]
@@ -550,10 +571,10 @@ impl Table {
     /// The table as aligned text, one line per service under a header.
     pub fn render(&self) -> String {
         let header = Self::HEADER.map(str::to_string);
-        let lines: Vec<[String; 11]> = std::iter::once(header)
+        let lines: Vec<[String; 12]> = std::iter::once(header)
             .chain(self.rows.iter().map(Self::cells))
             .collect();
-        let mut widths = [0; 11];
+        let mut widths = [0; 12];
         for line in &lines {
             for (w, cell) in widths.iter_mut().zip(line) {
                 *w = (*w).max(cell.chars().count());
@@ -680,6 +701,8 @@ sidemesh_request_duration_seconds_bucket{le="0.002",direction="inbound",service=
 sidemesh_request_duration_seconds_bucket{le="+Inf",direction="inbound",service="user-service",route="user-lookup"} 100
 sidemesh_rate_limited_total{direction="outbound",service="other",route="r"} 4
 sidemesh_denied_requests_total 3
+sidemesh_adaptive_concurrency_shed_total{direction="inbound",service="user-service",route="inbound"} 6
+sidemesh_circuit_breaker_overflow_total{service="other",threshold="maxRequests"} 2
 sidemesh_inbound_requests_by_client_total{client_id="spiffe://td/ns/demo/sa/a \"q\""} 95
 sidemesh_inbound_requests_by_client_total{client_id="unauthenticated"} 5
 # EOF
@@ -688,8 +711,8 @@ sidemesh_inbound_requests_by_client_total{client_id="unauthenticated"} 5
     #[test]
     fn parses_labels_with_escapes_and_infinity() {
         let samples = parse(METRICS);
-        assert_eq!(samples.len(), 10);
-        let client = &samples[8];
+        assert_eq!(samples.len(), 12);
+        let client = &samples[10];
         assert_eq!(
             client.label("client_id"),
             Some("spiffe://td/ns/demo/sa/a \"q\"")
@@ -709,6 +732,7 @@ sidemesh_inbound_requests_by_client_total{client_id="unauthenticated"} 5
         assert_eq!(users.buckets.len(), 3);
         let other = &by_service["other"];
         assert_eq!((other.requests, other.rate_limited), (0.0, 4.0));
+        assert_eq!((users.shed, other.shed), (6.0, 2.0));
     }
 
     #[test]
@@ -838,6 +862,7 @@ sidemesh_inbound_requests_by_client_total{client_id="unauthenticated"} 5
             p99: (rps > 0.0).then_some(Duration::from_millis(25)),
             retries_per_sec: 0.0,
             rate_limited_per_sec: 1.5,
+            shed_per_sec: 0.0,
             denied_per_sec: 0.0,
             mtls: (rps > 0.0).then_some(1.0),
         };
@@ -866,6 +891,7 @@ sidemesh_inbound_requests_by_client_total{client_id="unauthenticated"} 5
                 "25ms",
                 "0.0",
                 "1.5",
+                "0.0",
                 "0.0",
                 "100.0%"
             ]

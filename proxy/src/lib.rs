@@ -18,10 +18,11 @@
 //! [`identity`] (the workload certificate, mTLS, the control-plane channel), [`source`]
 //! (config from a file or the control plane), [`telemetry`] (metrics, spans, OTLP export),
 //! [`admin`] (health, metrics, `/config_dump`), [`config`] (flags and environment),
-//! [`drain`] (graceful shutdown), [`app`] (build and run), [`init`] (a pod's iptables rules).
+//! [`drain`] (graceful shutdown), [`keep`] (limits and counts kept across config changes),
+//! [`app`] (build and run), [`init`] (a pod's iptables rules).
 //!
 //! **Layering.** Modules only use the ones below them in this order, which
-//! `tests/layers.rs` checks from the source: drain, proto, respond, telemetry, identity,
+//! `tests/layers.rs` checks from the source: keep, drain, proto, respond, telemetry, identity,
 //! upstream, stages, routing, config, state, pipeline, http, conn, source, admin, app, init.
 //!
 //! **Stages are plain async functions, not tower layers.** The request path is fixed and
@@ -45,6 +46,7 @@ pub mod drain;
 pub mod http;
 pub mod identity;
 pub mod init;
+pub mod keep;
 pub mod pipeline;
 pub mod proto;
 pub mod respond;

@@ -19,12 +19,16 @@
 //!                (stages/authorize.rs), before the request costs anything
 //!  5. limit      token buckets per route (caller side) and per service (inbound): a 429
 //!                with Retry-After before any upstream work is spent (stages/ratelimit.rs)
+//!     shed       the adaptive concurrency limit (route, or the service inbound): beyond it
+//!                a 503 at once, so an overloaded upstream is not handed a queue
+//!                (stages/concurrency.rs); after the rate limit, whose refusals cost nothing
 //!  6. timeout    the route's deadline over all attempts, so a slow upstream is a 504, not
 //!                a hang (stages/timeout.rs)
 //!  7. retry      retriable failures sent again within the route's budget, each attempt
 //!                under the per-try timeout (stages/retry.rs)
-//!  8. forward    weighted backend, balanced endpoint, mutual TLS to meshed peers, pooled
-//!                (or multiplexed) connection; outcomes feed outlier detection (upstream/)
+//!  8. forward    weighted backend, its circuit breaker (requests, connections, pending),
+//!                balanced endpoint, mutual TLS to meshed peers, pooled (or multiplexed)
+//!                connection; outcomes feed outlier detection (upstream/)
 //! ```
 //!
 //! Errors from any stage become a response in one place (`respond.rs`).
@@ -38,6 +42,7 @@ use sidemesh_config::MtlsMode;
 use crate::proto::body::Body;
 use crate::respond::ProxyError;
 use crate::routing::destination::Destination;
+use crate::stages::concurrency::{self, Concurrency};
 use crate::stages::ratelimit::{self, Caller, Limiter};
 use crate::stages::{retry, timeout};
 use crate::state::Proxy;
@@ -54,6 +59,8 @@ pub struct Ctx {
     pub destination: Destination,
     /// The local service's inbound limit (inbound requests only).
     pub inbound_limit: Option<Arc<Limiter>>,
+    /// The local service's adaptive concurrency limit (inbound requests only).
+    pub inbound_concurrency: Option<Arc<Concurrency>>,
     /// The request's span, when tracing is on and the route retries: attempts are its
     /// children.
     pub attempt_parent: Option<AttemptParent>,
@@ -83,6 +90,16 @@ pub async fn run(
         None => None,
     };
 
+    // 5b. Beyond the adaptive limit, shed at once: the upstream is already as busy as its
+    // latency allows.
+    let limit = route
+        .and_then(|r| r.concurrency.as_ref())
+        .or(ctx.inbound_concurrency.as_ref());
+    let admitted = match limit {
+        Some(limit) => Some(concurrency::admit(limit)?),
+        None => None,
+    };
+
     // 6. The route's deadline covers every attempt below.
     let deadline = timeout::deadline(route.and_then(|r| r.timeout()), req.headers());
     let attempts = async {
@@ -99,7 +116,11 @@ pub async fn run(
             None => send(proxy, &ctx.destination, req).await,
         }
     };
-    let mut resp = timeout::within(deadline, attempts).await?;
+    let result = timeout::within(deadline, attempts).await;
+    if let Some(admitted) = admitted {
+        admitted.finish(&result);
+    }
+    let mut resp = result?;
 
     if let Some(rate) = rate {
         resp.headers_mut().insert("ratelimit-policy", rate.policy);

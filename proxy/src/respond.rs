@@ -61,6 +61,18 @@ pub enum ProxyError {
     },
     #[error("{0}")]
     ClientBody(crate::proto::h1::ClientBodyError),
+    #[error(
+        "`{service}` is at its circuit breaker's {threshold} ({limit}): refused at once rather than queued"
+    )]
+    Overflow {
+        service: String,
+        threshold: &'static str,
+        limit: u32,
+    },
+    #[error(
+        "{scope} is at its adaptive concurrency limit ({limit} requests in flight): shed at once"
+    )]
+    Overloaded { scope: String, limit: u32 },
     #[error("request timed out after {after:?}")]
     Timeout { after: Duration },
     #[error("bad request: {why}")]
@@ -117,9 +129,10 @@ impl ProxyError {
     pub fn status(&self) -> StatusCode {
         match self {
             ProxyError::UnknownService { .. } => StatusCode::NOT_FOUND,
-            ProxyError::NoEndpoints { .. } | ProxyError::AllEjected { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::NoEndpoints { .. }
+            | ProxyError::AllEjected { .. }
+            | ProxyError::Overflow { .. }
+            | ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect { .. }
             | ProxyError::Tls { .. }
             | ProxyError::Upstream { .. }
@@ -147,6 +160,8 @@ impl ProxyError {
             ProxyError::Tls { .. } => "upstream-tls-failure",
             ProxyError::NoCertificate { .. } => "no-certificate",
             ProxyError::Forbidden { .. } => "forbidden",
+            ProxyError::Overflow { .. } => "overflow",
+            ProxyError::Overloaded { .. } => "overloaded",
             ProxyError::Timeout { .. } => "request-timeout",
             ProxyError::BadRequest { .. } => "bad-request",
             ProxyError::HeadersTooLarge { .. } => "headers-too-large",
@@ -159,6 +174,14 @@ impl ProxyError {
 pub fn error_response(error: &ProxyError, grpc: bool) -> Response<Body> {
     match error.side() {
         Side::Downstream => tracing::debug!(error = %error, "refused request"),
+        // Shedding comes in floods, and each one is counted in metrics.
+        _ if matches!(
+            error,
+            ProxyError::Overflow { .. } | ProxyError::Overloaded { .. }
+        ) =>
+        {
+            tracing::debug!(error = %error, code = error.code(), "shed request")
+        }
         _ => tracing::info!(error = %error, code = error.code(), "proxy answered with an error"),
     }
     let mut resp = if grpc {

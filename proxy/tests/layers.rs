@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 /// Bottom to top: a module may use only those listed before it. This is the order in
 /// `lib.rs`'s map.
 const LAYERS: &[&str] = &[
+    "keep",
     "drain",
     "proto",
     "respond",

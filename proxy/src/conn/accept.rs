@@ -313,10 +313,12 @@ where
         },
         _ => None,
     };
-    let server = match endpoint
-        .connect(&proxy.pool, credentials.as_deref(), Carried::Opaque)
-        .await
-    {
+    let via = crate::upstream::endpoint::Via {
+        pool: &proxy.pool,
+        tls: credentials.as_deref(),
+        breaker: None,
+    };
+    let server = match endpoint.connect(&via, Carried::Opaque, None).await {
         Ok(server) => server.into_inner(),
         Err(e) => {
             tracing::info!(error = %e, "opaque connection: cannot reach the upstream; closing");

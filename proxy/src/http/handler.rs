@@ -93,11 +93,18 @@ pub(super) async fn handle(
             .and_then(|s| s.inbound_limiter.clone()),
         Direction::Outbound => None,
     };
+    let inbound_concurrency = match conn.direction {
+        Direction::Inbound => snapshot
+            .local_service()
+            .and_then(|s| s.inbound_concurrency.clone()),
+        Direction::Outbound => None,
+    };
     let ctx = Ctx {
         client: conn.client,
         peer_identity: conn.peer_identity.clone(),
         destination,
         inbound_limit,
+        inbound_concurrency,
         attempt_parent,
     };
     let req = Request::from_parts(parts, incoming);
@@ -105,23 +112,8 @@ pub(super) async fn handle(
     let resp = match pipeline::run(&proxy, &ctx, req).await {
         Ok(resp) => resp,
         Err(e) => {
-            if let (
-                Some(span),
-                ProxyError::RateLimited {
-                    limit, retry_after, ..
-                },
-            ) = (&span, &e)
-            {
-                span.event(
-                    "rate-limited",
-                    vec![
-                        opentelemetry::KeyValue::new("sidemesh.rate_limit", limit.clone()),
-                        opentelemetry::KeyValue::new(
-                            "sidemesh.retry_after_ms",
-                            i64::try_from(retry_after.as_millis()).unwrap_or(i64::MAX),
-                        ),
-                    ],
-                );
+            if let Some(span) = &span {
+                shed_event(span, &e);
             }
             respond::error_response(&e, grpc)
         }
@@ -137,6 +129,46 @@ pub(super) async fn handle(
         span.finish(resp.status(), endpoint);
     }
     resp
+}
+
+/// The span event of a request the proxy refused for load: rate-limited, shed by the
+/// adaptive concurrency limit, or over a circuit breaker's threshold.
+fn shed_event(span: &crate::telemetry::trace::RequestSpan, error: &ProxyError) {
+    use opentelemetry::KeyValue;
+    match error {
+        ProxyError::RateLimited {
+            limit, retry_after, ..
+        } => span.event(
+            "rate-limited",
+            vec![
+                KeyValue::new("sidemesh.rate_limit", limit.clone()),
+                KeyValue::new(
+                    "sidemesh.retry_after_ms",
+                    i64::try_from(retry_after.as_millis()).unwrap_or(i64::MAX),
+                ),
+            ],
+        ),
+        ProxyError::Overloaded { scope, limit } => span.event(
+            "overloaded",
+            vec![
+                KeyValue::new("sidemesh.concurrency.scope", scope.clone()),
+                KeyValue::new("sidemesh.concurrency.limit", i64::from(*limit)),
+            ],
+        ),
+        ProxyError::Overflow {
+            service,
+            threshold,
+            limit,
+        } => span.event(
+            "overflow",
+            vec![
+                KeyValue::new("sidemesh.circuit_breaker.service", service.clone()),
+                KeyValue::new("sidemesh.circuit_breaker.threshold", *threshold),
+                KeyValue::new("sidemesh.circuit_breaker.limit", i64::from(*limit)),
+            ],
+        ),
+        _ => {}
+    }
 }
 
 /// Records a request: its HTTP status and latency and, for a gRPC call that failed on the

@@ -8,10 +8,12 @@ use std::sync::Arc;
 use serde::Serialize;
 use sidemesh_config::{Mesh, PathMatch, Protocol, Route, RouteMatch, ServiceId};
 
+use crate::stages::concurrency::Concurrency;
 use crate::stages::ratelimit::{Limiter, Limiters};
 use crate::stages::retry::RetryState;
 use crate::telemetry::metrics::{Direction, Metrics, RouteMetrics};
 use crate::upstream::balance::Balancer;
+use crate::upstream::breaker::{Breaker, Threshold};
 use crate::upstream::endpoint::Registry;
 
 /// Endpoints that are meshed proxies, with the SPIFFE ID each must present.
@@ -42,6 +44,8 @@ pub struct ServiceEntry {
     default_route: Arc<RouteEntry>,
     /// The service's inbound limit, applied by its own proxies.
     pub inbound_limiter: Option<Arc<Limiter>>,
+    /// The service's adaptive concurrency limit, applied by its own proxies.
+    pub inbound_concurrency: Option<Arc<Concurrency>>,
     /// Who may call the service, enforced by its own proxies.
     pub authorization: Option<sidemesh_config::Authorization>,
 }
@@ -57,6 +61,8 @@ pub struct RouteEntry {
     pub metrics: RouteMetrics,
     /// The route's rate limit, applied by this (calling) proxy.
     pub limiter: Option<Arc<Limiter>>,
+    /// The route's adaptive concurrency limit, applied by this (calling) proxy.
+    pub concurrency: Option<Arc<Concurrency>>,
     pub retry: Option<Arc<RetryState>>,
     /// The path the route matches, for span names and `http.route` (`/users/*` for a prefix);
     /// `None` when no path is known (regexes, default routes).
@@ -142,14 +148,28 @@ impl Snapshot {
                 .iter()
                 .map(|addr| registry.get(*addr, meshed.get(addr).cloned()))
                 .collect();
+            let name = s.id.to_string();
+            let breaker = s.circuit_breaker.map(|limits| {
+                limiters
+                    .breakers
+                    .get_or(format!("{name}|{limits:?}"), || {
+                        let names = Threshold::ALL.map(Threshold::as_str);
+                        Breaker::new(
+                            Arc::from(name.as_str()),
+                            limits,
+                            metrics.overflow_counters(&s.id.name, names),
+                        )
+                    })
+            });
             let balancer = Balancer::new(
-                s.id.to_string(),
+                name.clone(),
                 s.load_balancer.clone(),
                 s.outlier_detection,
                 endpoints,
                 s.weights.clone(),
-                metrics.panic_gauge(&s.id.to_string()),
-            );
+                metrics.panic_gauge(&name),
+            )
+            .with_breaker(breaker);
             balancers.insert(s.id.clone(), Arc::new(balancer));
         }
 
@@ -165,6 +185,7 @@ impl Snapshot {
                 total_weight: 1,
                 metrics: metrics.route(&label, "default"),
                 limiter: None,
+                concurrency: None,
                 retry: None,
                 template: None,
             });
@@ -197,6 +218,21 @@ impl Snapshot {
                             counter,
                         )
                     }),
+                    concurrency: route.adaptive_concurrency.map(|settings| {
+                        let (shed, gauge) =
+                            metrics.concurrency(Direction::Outbound, &label, &route.name);
+                        limiters.concurrency.get_or(
+                            format!("outbound/{}/{}|{settings:?}", s.id, route.name),
+                            || {
+                                Concurrency::new(
+                                    format!("route `{}`", route.name),
+                                    settings,
+                                    shed,
+                                    gauge,
+                                )
+                            },
+                        )
+                    }),
                     retry: route.retry.as_ref().map(|policy| {
                         let (retries, exhausted) = metrics.retry_counters(&label, &route.name);
                         Arc::new(RetryState::new(
@@ -226,6 +262,23 @@ impl Snapshot {
                     let counter = metrics.rate_limited(Direction::Inbound, &label, "inbound");
                     limiters.limiter(&format!("inbound/{}", s.id), &s.id.name, spec, counter)
                 });
+            let inbound_concurrency = s
+                .inbound
+                .adaptive_concurrency
+                .filter(|_| s.id == local_id)
+                .map(|settings| {
+                    let (shed, gauge) = metrics.concurrency(Direction::Inbound, &label, "inbound");
+                    limiters
+                        .concurrency
+                        .get_or(format!("inbound/{}|{settings:?}", s.id), || {
+                            Concurrency::new(
+                                format!("service `{}` (inbound)", s.id.name),
+                                settings,
+                                shed,
+                                gauge,
+                            )
+                        })
+                });
             services.insert(
                 s.id.clone(),
                 Arc::new(ServiceEntry {
@@ -236,6 +289,7 @@ impl Snapshot {
                     table: table.into_iter().map(|(_, m, e)| (m, e)).collect(),
                     default_route,
                     inbound_limiter,
+                    inbound_concurrency,
                     authorization: s.inbound.authorization.clone(),
                 }),
             );
@@ -427,6 +481,8 @@ pub struct SnapshotDump<'a> {
     pub mesh: &'a Mesh,
     /// Each service's balancer: endpoints, weights, ejections and panic state.
     pub balancers: Vec<crate::upstream::balance::BalancerState>,
+    /// Adaptive concurrency limits in force: the local service's inbound one and the routes'.
+    pub adaptive_concurrency: Vec<crate::stages::concurrency::ConcurrencyState>,
 }
 
 impl Snapshot {
@@ -440,6 +496,24 @@ impl Snapshot {
                     self.services.values().map(|s| s.balancer.state()).collect();
                 states.sort_by(|a, b| a.service.cmp(&b.service));
                 states
+            },
+            adaptive_concurrency: {
+                let mut limits = Vec::new();
+                let mut seen = std::collections::HashSet::new();
+                for service in self.services.values() {
+                    let routes = service.table.iter().map(|(_, r)| r);
+                    for limit in service
+                        .inbound_concurrency
+                        .iter()
+                        .chain(routes.filter_map(|r| r.concurrency.as_ref()))
+                    {
+                        if seen.insert(Arc::as_ptr(limit)) {
+                            limits.push(limit.state());
+                        }
+                    }
+                }
+                limits.sort_by(|a, b| a.scope.cmp(&b.scope));
+                limits
             },
         }
     }

@@ -272,10 +272,15 @@ impl Limiter {
 }
 
 /// Rate limiters by scope and settings: a reload that keeps a limit keeps its buckets (a
-/// fresh limiter would hand every client a new burst).
+/// fresh limiter would hand every client a new burst). Circuit breakers and adaptive
+/// concurrency limits are kept beside them, for the same reason.
 #[derive(Debug, Default)]
 pub struct Limiters {
-    limiters: std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<Limiter>>>,
+    limiters: crate::keep::Kept<Limiter>,
+    /// Circuit breakers by service and thresholds: their counts of requests in flight.
+    pub breakers: crate::keep::Kept<crate::upstream::breaker::Breaker>,
+    /// Adaptive concurrency limits by scope and settings: the limit they learned.
+    pub concurrency: crate::keep::Kept<crate::stages::concurrency::Concurrency>,
 }
 
 impl Limiters {
@@ -291,14 +296,8 @@ impl Limiters {
             "{scope}|{}",
             serde_json::to_string(spec).unwrap_or_default()
         );
-        let mut map = self.limiters.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(l) = map.get(&key).and_then(std::sync::Weak::upgrade) {
-            return l;
-        }
-        map.retain(|_, weak| weak.strong_count() > 0);
-        let limiter = std::sync::Arc::new(Limiter::new(name, spec, limited));
-        map.insert(key, std::sync::Arc::downgrade(&limiter));
-        limiter
+        self.limiters
+            .get_or(key, || Limiter::new(name, spec, limited))
     }
 }
 

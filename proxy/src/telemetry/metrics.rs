@@ -75,6 +75,12 @@ struct ServiceReasonLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ServiceThresholdLabels {
+    service: String,
+    threshold: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ReasonLabels {
     reason: &'static str,
 }
@@ -117,6 +123,9 @@ pub struct Metrics {
     readmissions: Family<EndpointLabels, Counter>,
     spared: Family<ServiceReasonLabels, Counter>,
     panic: Family<ServiceLabels, Gauge>,
+    overflow: Family<ServiceThresholdLabels, Counter>,
+    shed: Family<RouteLatencyLabels, Counter>,
+    concurrency_limit: Family<RouteLatencyLabels, Gauge>,
     reloads: Family<ResultLabels, Counter>,
     config_version: Gauge<u64, AtomicU64>,
     rate_limited: Family<RouteLatencyLabels, Counter>,
@@ -217,6 +226,24 @@ impl Metrics {
             "balancer_panic",
             "1 while fewer of a service's endpoints are healthy than its panicThreshold: every endpoint takes traffic",
             panic.clone(),
+        );
+        let overflow = Family::<ServiceThresholdLabels, Counter>::default();
+        registry.register(
+            "circuit_breaker_overflow",
+            "Requests refused with 503 (`overflow`) at a backend's circuit-breaker threshold",
+            overflow.clone(),
+        );
+        let shed = Family::<RouteLatencyLabels, Counter>::default();
+        registry.register(
+            "adaptive_concurrency_shed",
+            "Requests refused with 503 (`overloaded`) beyond an adaptive concurrency limit",
+            shed.clone(),
+        );
+        let concurrency_limit = Family::<RouteLatencyLabels, Gauge>::default();
+        registry.register(
+            "adaptive_concurrency_limit",
+            "The adaptive concurrency limit in force (requests in flight)",
+            concurrency_limit.clone(),
         );
         let reloads = Family::<ResultLabels, Counter>::default();
         registry.register(
@@ -326,6 +353,9 @@ impl Metrics {
             readmissions,
             spared,
             panic,
+            overflow,
+            shed,
+            concurrency_limit,
             reloads,
             config_version,
             rate_limited,
@@ -463,6 +493,32 @@ impl Metrics {
                 reason,
             })
             .inc();
+    }
+
+    /// A backend's overflow counters, in the order of `upstream::breaker::Threshold::ALL`
+    /// (`names`).
+    pub fn overflow_counters(&self, service: &str, names: [&'static str; 3]) -> [Counter; 3] {
+        names.map(|threshold| {
+            self.overflow
+                .get_or_create(&ServiceThresholdLabels {
+                    service: service.to_string(),
+                    threshold,
+                })
+                .clone()
+        })
+    }
+
+    /// An adaptive concurrency limit's shed counter and limit gauge.
+    pub fn concurrency(&self, direction: Direction, service: &str, route: &str) -> (Counter, Gauge) {
+        let labels = RouteLatencyLabels {
+            direction: direction.as_str(),
+            service: service.to_string(),
+            route: route.to_string(),
+        };
+        (
+            self.shed.get_or_create(&labels).clone(),
+            self.concurrency_limit.get_or_create(&labels).clone(),
+        )
     }
 
     /// The gauge that shows whether `service`'s balancer is in panic.

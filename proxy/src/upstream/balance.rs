@@ -13,6 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use serde::Serialize;
 use sidemesh_config::LoadBalancer;
 
+use crate::upstream::breaker::Breaker;
 use crate::upstream::endpoint::Endpoint;
 use crate::upstream::outlier::{Event, Outcome, Outlier, OutlierPolicy, Reason};
 
@@ -28,6 +29,8 @@ pub struct Balancer {
     pub service: String,
     pub policy: LoadBalancer,
     pub outlier: Outlier,
+    /// The service's circuit-breaker thresholds, when it has them.
+    pub breaker: Option<Arc<Breaker>>,
     endpoints: Vec<Arc<Endpoint>>,
     weights: Vec<u32>,
     next: AtomicUsize,
@@ -62,6 +65,16 @@ pub struct BalancerState {
     pub panic: bool,
     pub healthy: usize,
     pub endpoints: Vec<BalancedEndpoint>,
+    /// The circuit breaker's thresholds and counts now, when the service has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<BreakerState>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BreakerState {
+    pub limits: sidemesh_config::CircuitBreaker,
+    pub requests: usize,
+    pub pending: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -98,12 +111,19 @@ impl Balancer {
             service,
             policy,
             outlier: Outlier::new(outlier, panic_gauge),
+            breaker: None,
             endpoints,
             weights,
             next: AtomicUsize::new(0),
             ring,
             schedule,
         }
+    }
+
+    /// With the service's circuit breaker (kept across config changes by the caller).
+    pub fn with_breaker(mut self, breaker: Option<Arc<Breaker>>) -> Self {
+        self.breaker = breaker;
+        self
     }
 
     pub fn endpoints(&self) -> &[Arc<Endpoint>] {
@@ -163,6 +183,11 @@ impl Balancer {
             policy: self.policy.clone(),
             panic: self.outlier.in_panic(&self.endpoints),
             healthy: endpoints.iter().filter(|e| e.ejected_for.is_none()).count(),
+            circuit_breaker: self.breaker.as_ref().map(|b| BreakerState {
+                limits: b.limits,
+                requests: b.requests(),
+                pending: b.pending(),
+            }),
             endpoints,
         }
     }

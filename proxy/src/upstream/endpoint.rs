@@ -21,6 +21,7 @@ use crate::identity::workload::Credentials;
 use crate::proto::body::Body;
 use crate::proto::h1;
 use crate::respond::ProxyError;
+use crate::upstream::breaker::{Breaker, ConnSlot, Slots, Slotted};
 use crate::upstream::mux::{MuxPool, Opened, Sent};
 use crate::upstream::outlier::{EndpointHealth, Reason};
 
@@ -38,6 +39,24 @@ pub struct PoolConfig {
     pub mux: bool,
 }
 
+/// How one request reaches an endpoint: connection settings, the workload's credentials when
+/// the endpoint is meshed (mutual TLS), and the backend's circuit breaker.
+#[derive(Debug, Clone, Copy)]
+pub struct Via<'a> {
+    pub pool: &'a PoolConfig,
+    pub tls: Option<&'a Credentials>,
+    pub breaker: Option<&'a Breaker>,
+}
+
+impl Via<'_> {
+    fn max_connections(&self) -> Option<u32> {
+        self.breaker.and_then(|b| b.limits.max_connections)
+    }
+}
+
+/// A new connection's socket, holding its place under `maxConnections`.
+pub type Io = TokioIo<Slotted<MaybeTls<TcpStream>>>;
+
 #[derive(Debug)]
 pub struct Endpoint {
     pub addr: SocketAddr,
@@ -50,6 +69,8 @@ pub struct Endpoint {
     h2: tokio::sync::Mutex<Option<http2::SendRequest<Body>>>,
     /// HTTP/1.x multiplexed over HTTP/2 to a meshed peer.
     mux: MuxPool,
+    /// Connections open under a circuit breaker's `maxConnections`.
+    slots: Arc<Slots>,
     pub connects: AtomicU64,
     pub connect_failures: AtomicU64,
 }
@@ -74,6 +95,7 @@ impl Endpoint {
             h1_idle: Mutex::new(Vec::new()),
             h2: tokio::sync::Mutex::new(None),
             mux: MuxPool::default(),
+            slots: Arc::default(),
             connects: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
         }
@@ -89,26 +111,40 @@ impl Endpoint {
     }
 
     /// Sends a request over a pooled connection of the request's HTTP version. New
-    /// connections use mesh TLS when `tls` is given.
+    /// connections use mesh TLS when `via.tls` is given.
     pub async fn send(
         self: &Arc<Self>,
         req: Request<Body>,
-        pool: &PoolConfig,
-        tls: Option<&Credentials>,
+        via: Via<'_>,
     ) -> Result<Response<Body>, ProxyError> {
         match req.version() {
-            Version::HTTP_2 => self.send_h2(req, pool, tls).await,
-            _ => self.send_h1(req, pool, tls).await,
+            Version::HTTP_2 => self.send_h2(req, via).await,
+            _ => self.send_h1(req, via).await,
         }
     }
 
-    /// A new connection: TCP, then mesh TLS when `tls` is given (this endpoint is meshed).
+    /// A place for a new connection under `maxConnections`, or the overflow at once (for the
+    /// connections no request waits for: multiplexed, HTTP/2, tunnels).
+    fn slot_now(&self, via: &Via<'_>) -> Result<Option<ConnSlot>, ProxyError> {
+        match (via.max_connections(), via.breaker) {
+            (Some(max), Some(breaker)) => self
+                .slots
+                .try_open(max)
+                .map(Some)
+                .ok_or_else(|| breaker.overflow(super::breaker::Threshold::MaxConnections, max)),
+            _ => Ok(None),
+        }
+    }
+
+    /// A new connection: TCP, then mesh TLS when `via.tls` is given (this endpoint is
+    /// meshed); `slot` is its place under `maxConnections`.
     pub async fn connect(
         &self,
-        pool: &PoolConfig,
-        tls: Option<&Credentials>,
+        via: &Via<'_>,
         carried: Carried,
-    ) -> Result<TokioIo<MaybeTls<TcpStream>>, ProxyError> {
+        slot: Option<ConnSlot>,
+    ) -> Result<Io, ProxyError> {
+        let pool = via.pool;
         self.connects.fetch_add(1, Ordering::Relaxed);
         let failed = |reason: String| {
             self.connect_failures.fetch_add(1, Ordering::Relaxed);
@@ -129,8 +165,8 @@ impl Endpoint {
                 }
             };
         let _ = stream.set_nodelay(true);
-        let (Some(credentials), Some(expected)) = (tls, &self.identity) else {
-            return Ok(TokioIo::new(MaybeTls::Plain(stream)));
+        let (Some(credentials), Some(expected)) = (via.tls, &self.identity) else {
+            return Ok(TokioIo::new(Slotted::new(MaybeTls::Plain(stream), slot)));
         };
         match crate::identity::tls::connect(
             &credentials.tls,
@@ -142,7 +178,10 @@ impl Endpoint {
         )
         .await
         {
-            Ok(stream) => Ok(TokioIo::new(MaybeTls::Tls(Box::new(stream)))),
+            Ok(stream) => Ok(TokioIo::new(Slotted::new(
+                MaybeTls::Tls(Box::new(stream)),
+                slot,
+            ))),
             Err(e) => {
                 self.connect_failures.fetch_add(1, Ordering::Relaxed);
                 Err(ProxyError::Tls {
@@ -156,18 +195,19 @@ impl Endpoint {
     async fn send_h1(
         self: &Arc<Self>,
         req: Request<Body>,
-        pool: &PoolConfig,
-        tls: Option<&Credentials>,
+        via: Via<'_>,
     ) -> Result<Response<Body>, ProxyError> {
+        let pool = via.pool;
         let cfg = h1::client::Config {
             limits: pool.response_limits,
         };
         let mut fresh = None;
-        let req = match tls {
-            Some(credentials) if pool.mux && self.identity.is_some() => {
+        let req = match via.tls {
+            Some(_) if pool.mux && self.identity.is_some() => {
                 let connect = || async move {
-                    let io = Box::pin(self.connect(pool, Some(credentials), Carried::Mux)).await?;
-                    Ok(match io.inner().carried() {
+                    let slot = self.slot_now(&via)?;
+                    let io = Box::pin(self.connect(&via, Carried::Mux, slot)).await?;
+                    Ok(match io.inner().inner().carried() {
                         Some(Carried::Mux) => Opened::Mux(io.into_inner()),
                         _ => Opened::Http1(h1::client::Conn::new(Box::new(io.into_inner()))),
                     })
@@ -188,10 +228,7 @@ impl Endpoint {
         };
         let (conn, reused) = match fresh {
             Some(conn) => (conn, false),
-            None => match self.checkout_h1(pool) {
-                Some(conn) => (conn, true),
-                None => (self.connect_h1(pool, tls).await?, false),
-            },
+            None => self.h1_conn(&via).await?,
         };
         // An idle connection the upstream closed at the same moment fails before any answer:
         // a request without a body is then sent again on a new connection.
@@ -202,7 +239,7 @@ impl Endpoint {
                 ..
             }) if reused => {
                 Box::pin(async {
-                    let conn = self.connect_h1(pool, tls).await?;
+                    let (conn, _) = self.h1_conn(&via).await?;
                     h1::client::resend(conn, again, cfg, self.on_idle(pool))
                         .await
                         .map_err(|e| self.h1_error(e))
@@ -210,6 +247,36 @@ impl Endpoint {
                 .await
             }
             Err(e) => Err(self.h1_error(e)),
+        }
+    }
+
+    /// A pooled HTTP/1.1 connection (`true`: reused) or a new one. At `maxConnections` the
+    /// request waits, as one of at most `maxPendingRequests`, for a connection to come back
+    /// to the pool or to close; the route's deadline bounds the wait.
+    async fn h1_conn(
+        self: &Arc<Self>,
+        via: &Via<'_>,
+    ) -> Result<(h1::client::Conn, bool), ProxyError> {
+        let (Some(max), Some(breaker)) = (via.max_connections(), via.breaker) else {
+            return Ok(match self.checkout_h1(via.pool) {
+                Some(conn) => (conn, true),
+                None => (self.connect_h1(via, None).await?, false),
+            });
+        };
+        let mut waiting = None;
+        loop {
+            if let Some(conn) = self.checkout_h1(via.pool) {
+                return Ok((conn, true));
+            }
+            if let Some(slot) = self.slots.try_open(max) {
+                return Ok((self.connect_h1(via, Some(slot)).await?, false));
+            }
+            if waiting.is_none() {
+                waiting = Some(breaker.wait()?);
+            }
+            // A wake-up given while nobody waited is kept for this wait, so none is lost
+            // between the checks above and here.
+            self.slots.freed.notified().await;
         }
     }
 
@@ -244,6 +311,8 @@ impl Endpoint {
                 let mut idle = this.h1_idle.lock().unwrap_or_else(|p| p.into_inner());
                 if idle.len() < max_idle {
                     idle.push((conn, Instant::now()));
+                    drop(idle);
+                    this.slots.freed.notify_one();
                 }
             }
         })
@@ -252,12 +321,12 @@ impl Endpoint {
     /// A new HTTP/1.1 connection.
     async fn connect_h1(
         &self,
-        pool: &PoolConfig,
-        tls: Option<&Credentials>,
+        via: &Via<'_>,
+        slot: Option<ConnSlot>,
     ) -> Result<h1::client::Conn, ProxyError> {
         // Boxed, as every connect below: a connection is made once for many requests, and
         // its future (TCP, then a TLS handshake) would otherwise make every request's larger.
-        let io = Box::pin(self.connect(pool, tls, Carried::Http1)).await?;
+        let io = Box::pin(self.connect(via, Carried::Http1, slot)).await?;
         Ok(h1::client::Conn::new(Box::new(io.into_inner())))
     }
 
@@ -275,18 +344,15 @@ impl Endpoint {
         None
     }
 
-    async fn send_h2(
-        &self,
-        req: Request<Body>,
-        pool: &PoolConfig,
-        tls: Option<&Credentials>,
-    ) -> Result<Response<Body>, ProxyError> {
+    async fn send_h2(&self, req: Request<Body>, via: Via<'_>) -> Result<Response<Body>, ProxyError> {
+        let pool = via.pool;
         let mut sender = {
             let mut slot = self.h2.lock().await;
             match slot.as_ref().filter(|s| !s.is_closed()) {
                 Some(sender) => sender.clone(),
                 None => {
-                    let io = Box::pin(self.connect(pool, tls, Carried::Http2)).await?;
+                    let place = self.slot_now(&via)?;
+                    let io = Box::pin(self.connect(&via, Carried::Http2, place)).await?;
                     let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                         .timer(TokioTimer::new())
                         .keep_alive_interval(pool.idle_timeout / 2)
@@ -322,12 +388,12 @@ impl Endpoint {
     pub async fn send_upgrade(
         &self,
         req: Request<Body>,
-        pool: &PoolConfig,
-        tls: Option<&Credentials>,
+        via: Via<'_>,
     ) -> Result<Response<Body>, ProxyError> {
-        let conn = self.connect_h1(pool, tls).await?;
+        let slot = self.slot_now(&via)?;
+        let conn = self.connect_h1(&via, slot).await?;
         let cfg = h1::client::Config {
-            limits: pool.response_limits,
+            limits: via.pool.response_limits,
         };
         h1::client::send(conn, req, cfg, Box::new(drop))
             .await
@@ -348,8 +414,15 @@ pub struct EndpointState {
     pub ejected_for: Option<Reason>,
     pub connects: u64,
     pub connect_failures: u64,
+    /// Connections open under a circuit breaker's `maxConnections` (0 without one).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub counted_connections: usize,
     /// Open HTTP/2 connections carrying this endpoint's HTTP/1.x requests (`proto::mux`).
     pub multiplexed_connections: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// An endpoint is its address and, when meshed, the identity its proxy must present.
@@ -414,6 +487,7 @@ impl Registry {
                 ejected_for: ep.health.ejected_for(),
                 connects: ep.connects.load(Ordering::Relaxed),
                 connect_failures: ep.connect_failures.load(Ordering::Relaxed),
+                counted_connections: ep.slots.open(),
                 multiplexed_connections: ep.mux.open_connections(),
             })
             .collect();

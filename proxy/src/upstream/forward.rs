@@ -15,7 +15,7 @@ use crate::proto::headers;
 use crate::respond::ProxyError;
 use crate::telemetry::metrics::Metrics;
 use crate::upstream::balance::Balancer;
-use crate::upstream::endpoint::{Endpoint, PoolConfig};
+use crate::upstream::endpoint::{Endpoint, PoolConfig, Via};
 use crate::upstream::outlier::{Event, Outcome};
 
 /// The endpoint that answered, in the response's extensions (for spans).
@@ -89,6 +89,12 @@ pub async fn send(
     failure_statuses: &[RetryOn],
     req: Request<Body>,
 ) -> Result<Response<Body>, ProxyError> {
+    // The backend's `maxRequests` refuses before anything is sent.
+    let breaker = balancer.and_then(|b| b.breaker.as_ref());
+    let request_slot = match breaker {
+        Some(breaker) => breaker.admit()?,
+        None => None,
+    };
     let in_flight = endpoint.start();
     // Only upgrades the proxy can keep enforcing reach here (WebSocket: see
     // `headers::strip_hop_by_hop`), and CONNECT tunnels; both get their own connection.
@@ -106,12 +112,15 @@ pub async fn send(
     headers::for_upstream(&mut parts, version);
     let req = Request::from_parts(parts, body);
 
+    let via = Via {
+        pool: sender.pool,
+        tls: tls.as_deref(),
+        breaker: breaker.map(|b| &**b),
+    };
     let sent = if upgrade {
-        endpoint
-            .send_upgrade(req, sender.pool, tls.as_deref())
-            .await
+        endpoint.send_upgrade(req, via).await
     } else {
-        endpoint.send(req, sender.pool, tls.as_deref()).await
+        endpoint.send(req, via).await
     };
     if let Some(balancer) = balancer {
         if let Some(outcome) = classify(&sent, failure_statuses, tls.is_some()) {
@@ -142,6 +151,6 @@ pub async fn send(
     } else {
         incoming
     };
-    let body = Guarded::new(incoming, in_flight).boxed_unsync();
+    let body = Guarded::new(incoming, (in_flight, request_slot)).boxed_unsync();
     Ok(Response::from_parts(parts, body))
 }
