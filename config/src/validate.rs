@@ -439,9 +439,10 @@ impl Checker {
                 ));
             }
         }
-        let circuit_breaker = spec.circuit_breaker.as_ref().map(|cb| {
-            self.circuit_breaker(doc, &format!("{path}.circuitBreaker"), cb)
-        });
+        let circuit_breaker = spec
+            .circuit_breaker
+            .as_ref()
+            .map(|cb| self.circuit_breaker(doc, &format!("{path}.circuitBreaker"), cb));
 
         Service {
             identity: spiffe_id(&settings.trust_domain, &namespace, &service_account),
@@ -954,9 +955,10 @@ impl Checker {
             .as_ref()
             .and_then(|l| self.rate_limit(doc, &format!("{path}.rateLimit"), l, false));
 
-        let adaptive_concurrency = spec.adaptive_concurrency.as_ref().map(|a| {
-            self.adaptive_concurrency(doc, &format!("{path}.adaptiveConcurrency"), a)
-        });
+        let adaptive_concurrency = spec
+            .adaptive_concurrency
+            .as_ref()
+            .map(|a| self.adaptive_concurrency(doc, &format!("{path}.adaptiveConcurrency"), a));
 
         let failure_statuses = spec.failure_statuses.clone();
         for (i, on) in failure_statuses.iter().enumerate() {

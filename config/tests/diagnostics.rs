@@ -250,3 +250,64 @@ fn a_folder_without_yaml_is_an_error_not_an_empty_mesh() {
 fn render(found: &[Diagnostic]) -> String {
     found.iter().map(|d| format!("{d}\n")).collect()
 }
+
+#[test]
+fn overload_protection_settings_out_of_range_are_refused_with_their_positions() {
+    let text = "\
+apiVersion: sidemesh.io/v1
+kind: Mesh
+services:
+  - name: users
+    ports: [{port: 80}]
+    circuitBreaker: { maxRequests: 0, maxPendingRequests: 5 }
+    inbound:
+      adaptiveConcurrency: { minLimit: 10, maxLimit: 5, tolerance: 0.5 }
+  - name: orders
+    ports: [{port: 80}]
+    circuitBreaker: { maxConnections: 200000 }
+routes:
+  - name: r
+    service: users
+    adaptiveConcurrency: { initialLimit: 2000 }
+";
+    let err = parse_str("overload.yaml", text).expect_err("invalid");
+    let rendered = err.to_string();
+    let expected = [
+        "overload.yaml:6:36: services[0].circuitBreaker.maxRequests: must be between 1 and 1000000, got 0",
+        "services[0].circuitBreaker.maxPendingRequests: requests only wait for a connection under `maxConnections`",
+        "services[0].inbound.adaptiveConcurrency.maxLimit: must be at least `minLimit` (10), got 5",
+        "services[0].inbound.adaptiveConcurrency.tolerance: must be between 1 and 10, got 0.5",
+        "services[1].circuitBreaker.maxConnections: must be between 1 and 100000, got 200000",
+        "routes[0].adaptiveConcurrency.initialLimit: must be between `minLimit` (4) and `maxLimit` (1000), got 2000",
+    ];
+    for e in expected {
+        assert!(rendered.contains(e), "missing `{e}` in:\n{rendered}");
+    }
+    assert_eq!(
+        err.0.len(),
+        expected.len(),
+        "unexpected extra diagnostics:\n{rendered}"
+    );
+
+    let fine = "\
+apiVersion: sidemesh.io/v1
+kind: Mesh
+services:
+  - name: users
+    ports: [{port: 80}]
+    circuitBreaker: { maxRequests: 100, maxConnections: 10, maxPendingRequests: 20 }
+    inbound: { adaptiveConcurrency: {} }
+";
+    let mesh = parse_str("fine.yaml", fine).expect("valid");
+    let users = &mesh.services[0];
+    let cb = users.circuit_breaker.expect("circuit breaker");
+    assert_eq!(
+        (cb.max_requests, cb.max_connections, cb.max_pending_requests),
+        (Some(100), Some(10), 20)
+    );
+    let ac = users.inbound.adaptive_concurrency.expect("adaptive");
+    assert_eq!(
+        (ac.initial_limit, ac.min_limit, ac.max_limit, ac.tolerance),
+        (20, 4, 1000, 1.5)
+    );
+}

@@ -236,7 +236,8 @@ pub fn attribute(samples: &[Sample], local: &str, into: &mut BTreeMap<String, Co
                     c.rate_limited += s.value;
                 }
             }
-            "sidemesh_adaptive_concurrency_shed_total" | "sidemesh_circuit_breaker_overflow_total" => {
+            "sidemesh_adaptive_concurrency_shed_total"
+            | "sidemesh_circuit_breaker_overflow_total" => {
                 let Some(service) = s.label("service") else {
                     continue;
                 };

@@ -150,16 +150,14 @@ impl Snapshot {
                 .collect();
             let name = s.id.to_string();
             let breaker = s.circuit_breaker.map(|limits| {
-                limiters
-                    .breakers
-                    .get_or(format!("{name}|{limits:?}"), || {
-                        let names = Threshold::ALL.map(Threshold::as_str);
-                        Breaker::new(
-                            Arc::from(name.as_str()),
-                            limits,
-                            metrics.overflow_counters(&s.id.name, names),
-                        )
-                    })
+                limiters.breakers.get_or(format!("{name}|{limits:?}"), || {
+                    let names = Threshold::ALL.map(Threshold::as_str);
+                    Breaker::new(
+                        Arc::from(name.as_str()),
+                        limits,
+                        metrics.overflow_counters(&s.id.name, names),
+                    )
+                })
             });
             let balancer = Balancer::new(
                 name.clone(),

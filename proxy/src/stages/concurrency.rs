@@ -152,7 +152,8 @@ impl Concurrency {
         g.peak_in_flight = 0;
         let limit = g.update(short, peak, &self.settings);
         self.limit.store(limit, Ordering::Relaxed);
-        self.limit_gauge.set(i64::try_from(limit).unwrap_or(i64::MAX));
+        self.limit_gauge
+            .set(i64::try_from(limit).unwrap_or(i64::MAX));
     }
 }
 
@@ -178,10 +179,8 @@ impl Gradient {
         }
         let gradient = (settings.tolerance * self.long / short).clamp(0.5, 1.0);
         let target = self.limit * gradient + self.limit.sqrt();
-        self.limit = (self.limit * (1.0 - SMOOTHING) + target * SMOOTHING).clamp(
-            f64::from(settings.min_limit),
-            f64::from(settings.max_limit),
-        );
+        self.limit = (self.limit * (1.0 - SMOOTHING) + target * SMOOTHING)
+            .clamp(f64::from(settings.min_limit), f64::from(settings.max_limit));
         self.limit.round() as usize
     }
 }
@@ -331,9 +330,9 @@ mod tests {
             Counter::default(),
             Gauge::default(),
         ));
-        let a = admit(&limit).unwrap();
-        let _b = admit(&limit).unwrap();
-        let err = admit(&limit).unwrap_err();
+        let a = admit(&limit).expect("ok");
+        let _b = admit(&limit).expect("ok");
+        let err = admit(&limit).expect_err("refused");
         assert_eq!(err.code(), "overloaded");
         assert_eq!(limit.shed.get(), 1);
         drop(a);

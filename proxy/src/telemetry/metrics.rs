@@ -509,7 +509,12 @@ impl Metrics {
     }
 
     /// An adaptive concurrency limit's shed counter and limit gauge.
-    pub fn concurrency(&self, direction: Direction, service: &str, route: &str) -> (Counter, Gauge) {
+    pub fn concurrency(
+        &self,
+        direction: Direction,
+        service: &str,
+        route: &str,
+    ) -> (Counter, Gauge) {
         let labels = RouteLatencyLabels {
             direction: direction.as_str(),
             service: service.to_string(),

@@ -137,7 +137,9 @@ impl Breaker {
 /// Adds one to `count` unless it is at `max`.
 fn take(count: &AtomicUsize, max: usize) -> bool {
     count
-        .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| (n < max).then(|| n + 1))
+        .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+            (n < max).then(|| n + 1)
+        })
         .is_ok()
 }
 
@@ -245,13 +247,13 @@ mod tests {
             max_connections: None,
             max_pending_requests: 0,
         });
-        let one = b.admit().unwrap().unwrap();
-        let _two = b.admit().unwrap().unwrap();
-        let err = b.admit().unwrap_err();
+        let one = b.admit().expect("admitted").expect("counted");
+        let _two = b.admit().expect("admitted").expect("counted");
+        let err = b.admit().expect_err("refused");
         assert_eq!(err.code(), "overflow");
         assert!(err.to_string().contains("maxRequests (2)"), "{err}");
         drop(one);
-        assert!(b.admit().unwrap().is_some());
+        assert!(b.admit().expect("ok").is_some());
         assert_eq!(b.overflows[0].get(), 1);
     }
 
@@ -262,8 +264,8 @@ mod tests {
             max_connections: Some(1),
             max_pending_requests: 0,
         });
-        assert!(none.admit().unwrap().is_none(), "unlimited requests");
-        let err = none.wait().unwrap_err();
+        assert!(none.admit().expect("ok").is_none(), "unlimited requests");
+        let err = none.wait().expect_err("refused");
         assert!(err.to_string().contains("maxConnections (1)"), "{err}");
 
         let one = breaker(CircuitBreaker {
@@ -271,8 +273,8 @@ mod tests {
             max_connections: Some(1),
             max_pending_requests: 1,
         });
-        let waiting = one.wait().unwrap();
-        let err = one.wait().unwrap_err();
+        let waiting = one.wait().expect("ok");
+        let err = one.wait().expect_err("refused");
         assert!(err.to_string().contains("maxPendingRequests (1)"), "{err}");
         drop(waiting);
         assert!(one.wait().is_ok());
@@ -281,7 +283,7 @@ mod tests {
     #[test]
     fn a_connection_slot_is_given_back_and_wakes_a_waiter() {
         let slots = Arc::new(Slots::default());
-        let a = slots.try_open(1).unwrap();
+        let a = slots.try_open(1).expect("ok");
         assert!(slots.try_open(1).is_none());
         drop(a);
         assert_eq!(slots.open(), 0);
@@ -289,7 +291,7 @@ mod tests {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
-            .unwrap();
+            .expect("ok");
         rt.block_on(async {
             tokio::time::timeout(std::time::Duration::from_secs(1), slots.freed.notified())
                 .await

@@ -344,7 +344,11 @@ impl Endpoint {
         None
     }
 
-    async fn send_h2(&self, req: Request<Body>, via: Via<'_>) -> Result<Response<Body>, ProxyError> {
+    async fn send_h2(
+        &self,
+        req: Request<Body>,
+        via: Via<'_>,
+    ) -> Result<Response<Body>, ProxyError> {
         let pool = via.pool;
         let mut sender = {
             let mut slot = self.h2.lock().await;
