@@ -10,11 +10,20 @@
 #   bench/run.sh --only mtls     # one other section (data-plane, control-plane, policies, mtls, tracing,
 #                                # multiplex: the mTLS pair with and without HTTP/1.x multiplexing)
 #   bench/run.sh --all           # every section
+#   bench/run.sh --only faults   # the fault table (RELIABILITY.md): load through the demo mesh while
+#                                # each fault happens in turn; pods and tc netem as root, ~6 minutes
 #   bench/run.sh --only profile [--before DIR]
 #                                # instructions (callgrind) and syscalls (perf trace) per request of
 #                                # the Sidemesh pairs; DIR: an earlier build's target/release, beside
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [ "${1:-}" = "--only" ] && [ "${2:-}" = "faults" ]; then
+  command -v tc >/dev/null || { sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd=sudo;
+    $sudo_cmd apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq iproute2; }
+  shift 2
+  exec cargo bench --locked -p sidemesh-tests --bench faults -- "$@"
+fi
 
 missing=()
 command -v nginx >/dev/null || missing+=(nginx-light)
