@@ -107,6 +107,23 @@ impl Pod {
         Pod { ns, host_veth }
     }
 
+    /// Whether this kernel has `tc netem` (sch_netem); without it, loss is made with
+    /// iptables' `statistic` match and latency cannot be added.
+    fn has_netem(&self) -> bool {
+        let mut cmd = self.ns.wrapper();
+        cmd.extend([
+            "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms",
+        ]);
+        let ok = Command::new(cmd[0])
+            .args(&cmd[1..])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if ok {
+            self.ns.exec(&["tc", "qdisc", "del", "dev", "lo", "root"]);
+        }
+        ok
+    }
+
     /// `tc netem` on both ends of the link (`None`: removed).
     fn netem(&self, spec: Option<&[&str]>) {
         for (prefix, dev) in [
@@ -122,6 +139,23 @@ impl Pod {
                 None => cmd.extend(["tc", "qdisc", "del", "dev", dev, "root"]),
             }
             run(&cmd);
+        }
+    }
+
+    /// Drops each packet on the pod's link, both ways, with `probability` (1: every packet,
+    /// a partition), with iptables in the pod (which has no other rules); `None` lifts it.
+    fn drop_packets(&self, probability: Option<&str>) {
+        for (chain, dir) in [("INPUT", "-i"), ("OUTPUT", "-o")] {
+            let Some(p) = probability else {
+                self.ns.exec(&["iptables", "-F", chain]);
+                continue;
+            };
+            let mut cmd = vec!["iptables", "-I", chain, dir, "eth0"];
+            if p != "1" {
+                cmd.extend(["-m", "statistic", "--mode", "random", "--probability", p]);
+            }
+            cmd.extend(["-j", "DROP"]);
+            self.ns.exec(&cmd);
         }
     }
 }
@@ -405,6 +439,13 @@ struct Outcome {
     at: Duration,
     latency: Duration,
     ok: bool,
+    /// What a failed request got: its status and error marker, or the client's error.
+    failure: Option<&'static str>,
+}
+
+/// Failure descriptions live for the run (there are few).
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
 }
 
 /// Open-loop load until `stop` is set: `RATE` orders a second.
@@ -427,18 +468,34 @@ async fn load(entry: SocketAddr, stop: Arc<std::sync::atomic::AtomicBool>) -> Ve
                 .header("content-type", "application/json")
                 .body(Full::new(Bytes::from_static(ORDER.as_bytes())))
                 .expect("request");
-            let ok = match tokio::time::timeout(Duration::from_secs(10), client.request(req)).await
-            {
-                Ok(Ok(resp)) => {
-                    let created = resp.status() == StatusCode::CREATED;
-                    created && resp.into_body().collect().await.is_ok()
-                }
-                _ => false,
-            };
+            let failure =
+                match tokio::time::timeout(Duration::from_secs(10), client.request(req)).await {
+                    Ok(Ok(resp)) => {
+                        let status = resp.status();
+                        let marker = resp
+                            .headers()
+                            .get("x-sidemesh-error")
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string);
+                        let body = resp.into_body().collect().await;
+                        match (status, body) {
+                            (StatusCode::CREATED, Ok(_)) => None,
+                            (_, Ok(body)) => Some(leak(format!(
+                                "{status} {} {}",
+                                marker.unwrap_or_default(),
+                                String::from_utf8_lossy(&body.to_bytes()).trim()
+                            ))),
+                            (_, Err(e)) => Some(leak(format!("{status}, body cut: {e}"))),
+                        }
+                    }
+                    Ok(Err(e)) => Some(leak(format!("client error: {e}"))),
+                    Err(_) => Some("no answer within 10 s"),
+                };
             Outcome {
                 at,
                 latency: sent.elapsed(),
-                ok,
+                ok: failure.is_none(),
+                failure,
             }
         }));
     }
@@ -486,7 +543,7 @@ impl Fault {
             Fault::CertRotation => "certificates rotated every ~10 s, for 60 s",
             Fault::Drain => "server proxy drained (SIGTERM), restarted after 3 s",
             Fault::LossAndLatency => "5 % loss and 50 ms each way on the pod's link, 10 s",
-            Fault::Partition => "the pod's link black-holed for 5 s",
+            Fault::Partition => "a 5 s partition: every packet on the pod's link dropped",
         }
     }
 
@@ -541,15 +598,21 @@ impl Fault {
             }
             Fault::LossAndLatency => {
                 let pod = mesh.pod.as_ref().expect("pod");
-                pod.netem(Some(&["delay", "50ms", "loss", "5%"]));
-                sleep(10_000).await;
-                pod.netem(None);
+                if pod.has_netem() {
+                    pod.netem(Some(&["delay", "50ms", "loss", "5%"]));
+                    sleep(10_000).await;
+                    pod.netem(None);
+                } else {
+                    pod.drop_packets(Some("0.05"));
+                    sleep(10_000).await;
+                    pod.drop_packets(None);
+                }
             }
             Fault::Partition => {
                 let pod = mesh.pod.as_ref().expect("pod");
-                pod.netem(Some(&["loss", "100%"]));
+                pod.drop_packets(Some("1"));
                 sleep(5000).await;
-                pod.netem(None);
+                pod.drop_packets(None);
             }
         }
     }
@@ -565,6 +628,12 @@ struct Row {
     /// From the fault's start until the last failed or slow answer.
     disturbed: Option<Duration>,
     renewals: Option<u64>,
+    /// Config versions the order proxy moved through during the fault.
+    versions: Option<u64>,
+    /// What the failed requests got, with how many got it.
+    failures: Vec<(&'static str, usize)>,
+    /// How the fault was made, when not as named.
+    how: Option<String>,
 }
 
 fn p(latencies: &mut [Duration], q: f64) -> Duration {
@@ -573,6 +642,11 @@ fn p(latencies: &mut [Duration], q: f64) -> Duration {
     }
     latencies.sort();
     latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)]
+}
+
+async fn config_version(mesh: &DemoMesh) -> Option<u64> {
+    let url = format!("http://{}/config_dump", mesh.order_proxy_admin);
+    http(Method::GET, &url, None, &[]).await.ok()?.json()["config"]["version"].as_u64()
 }
 
 async fn renewals(mesh: &DemoMesh) -> Option<u64> {
@@ -589,23 +663,34 @@ async fn run_fault(fault: Fault, pod: Option<Pod>) -> Row {
         Fault::CertRotation => "14s",
         _ => "24h",
     };
+    let how = match (&pod, fault) {
+        (Some(pod), Fault::LossAndLatency) if !pod.has_netem() => Some(
+            "this kernel has no `tc netem` (sch_netem): 5 % loss made with iptables' \
+             `statistic` match in the pod, no latency added"
+                .to_string(),
+        ),
+        _ => None,
+    };
     let mut mesh = DemoMesh::start(pod, lifetime);
     mesh.wait_ready().await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let started = Instant::now();
     let traffic = tokio::spawn(load(mesh.entry, stop.clone()));
     // Five seconds of steady load set the baseline.
     let warm = Duration::from_secs(5);
     tokio::time::sleep(warm).await;
     let renewed_before = renewals(&mesh).await;
+    let version_before = config_version(&mesh).await;
     fault.inject(&mut mesh).await;
-    let fault_end = started.elapsed();
     let renewed = match (renewed_before, renewals(&mesh).await) {
         (Some(a), Some(b)) if matches!(fault, Fault::CertRotation) => Some(b - a),
         _ => None,
     };
     // Ten more seconds to see it settle.
     tokio::time::sleep(Duration::from_secs(10)).await;
+    let versions = match (version_before, config_version(&mesh).await) {
+        (Some(a), Some(b)) if matches!(fault, Fault::ConfigPushes) => Some(b - a),
+        _ => None,
+    };
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let outcomes = traffic.await.expect("load");
 
@@ -624,7 +709,6 @@ async fn run_fault(fault: Fault, pod: Option<Pod>) -> Row {
         .map(|o| o.at + o.latency)
         .max()
         .map(|end| end.saturating_sub(warm));
-    let _ = fault_end;
     Row {
         fault,
         skipped: None,
@@ -634,6 +718,18 @@ async fn run_fault(fault: Fault, pod: Option<Pod>) -> Row {
         worst: after.iter().map(|o| o.latency).max().unwrap_or_default(),
         disturbed,
         renewals: renewed,
+        versions,
+        failures: {
+            let mut by: Vec<(&'static str, usize)> = Vec::new();
+            for f in outcomes.iter().filter_map(|o| o.failure) {
+                match by.iter_mut().find(|(d, _)| *d == f) {
+                    Some((_, n)) => *n += 1,
+                    None => by.push((f, 1)),
+                }
+            }
+            by
+        },
+        how,
     }
 }
 
@@ -649,7 +745,7 @@ fn report(rows: &[Row], pods: bool) -> String {
     let mut out = String::new();
     out.push_str("# Reliability: the fault table\n\n");
     out.push_str(&format!(
-        "Produced by `bench/run.sh --only faults` on {} (release build, {} cores). Each row is a fresh \
+        "Produced by `bench/run.sh --only faults` on {} ({} build, {} cores). Each row is a fresh \
          mesh: the control plane, two replicas of user-service (app and proxy each), order-service \
          behind its proxy, and a client proxy; {RATE} `POST /orders` a second, open loop, through the \
          client proxy, every order crossing four proxies and three mutual-TLS hops (the order's user \
@@ -657,6 +753,7 @@ fn report(rows: &[Row], pods: bool) -> String {
          seconds of steady load, then the fault (on user-service's first replica{}), then ten seconds \
          more.\n\n",
         date(),
+        profile(),
         std::thread::available_parallelism().map_or(1, |n| n.get()),
         if pods {
             ", a pod of its own: a network namespace on a veth link"
@@ -683,7 +780,15 @@ fn report(rows: &[Row], pods: bool) -> String {
         }
         let mut name = r.fault.name().to_string();
         if let Some(n) = r.renewals {
-            name.push_str(&format!(" ({n} renewals seen by order-service's proxy)"));
+            name.push_str(&format!(" ({n} renewals by order-service's proxy)"));
+        }
+        if let Some(n) = r.versions {
+            name.push_str(&format!(
+                " ({n} new versions applied by order-service's proxy)"
+            ));
+        }
+        if let Some(how) = &r.how {
+            name.push_str(&format!(" ({how})"));
         }
         out.push_str(&format!(
             "| {name} | {} | {} | {} | {} | {} | {} |\n",
@@ -694,6 +799,15 @@ fn report(rows: &[Row], pods: bool) -> String {
             r.disturbed.map_or("-".into(), ms),
             if r.failed == 0 { "yes" } else { "**no**" }
         ));
+    }
+    let failed: Vec<&Row> = rows.iter().filter(|r| !r.failures.is_empty()).collect();
+    if !failed.is_empty() {
+        out.push_str("\nWhat the failed requests got:\n\n");
+        for r in failed {
+            for (what, n) in &r.failures {
+                out.push_str(&format!("- {}: {n} x `{what}`\n", r.fault.name()));
+            }
+        }
     }
     let removes: Vec<&str> = rows
         .iter()
@@ -707,6 +821,18 @@ fn report(rows: &[Row], pods: bool) -> String {
         removes.join("; ")
     ));
     out
+}
+
+/// The build profile this program (and the binaries it starts) was built with.
+fn profile() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| {
+            let dir = exe.parent()?.parent()?;
+            Some(dir.file_name()?.to_string_lossy().into_owned())
+        })
+        .map(|p| if p == "debug" { "debug".into() } else { p })
+        .unwrap_or_else(|| "unknown".into())
 }
 
 fn date() -> String {
@@ -746,6 +872,9 @@ async fn main() {
                     worst: Duration::ZERO,
                     disturbed: None,
                     renewals: None,
+                    versions: None,
+                    failures: Vec::new(),
+                    how: None,
                 });
                 continue;
             }
@@ -755,6 +884,9 @@ async fn main() {
             .then(|| Pod::create(std::process::id() % 10_000 * 10 + i as u32));
         println!("{} ...", fault.name());
         let row = run_fault(fault, pod).await;
+        for (what, n) in &row.failures {
+            println!("  {n} x {what}");
+        }
         println!(
             "  sent {}, failed {}, steady p99 {}, slowest {}, disturbed for {}",
             row.sent,

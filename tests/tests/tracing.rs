@@ -222,6 +222,10 @@ routes:
     service: payments
     matches: [{{path: {{prefix: /scarce}}}}]
     rateLimit: {{rate: 1/m, burst: 1}}
+  - name: crowded
+    service: payments
+    matches: [{{path: {{prefix: /slow}}}}]
+    adaptiveConcurrency: {{initialLimit: 1, minLimit: 1, maxLimit: 1}}
 "
     )
 }
@@ -300,6 +304,46 @@ async fn retries_show_attempt_spans_and_rate_limits_show_an_event() {
         client.events.iter().any(|e| e == "rate-limited"),
         "the rate-limited event is on the span: {client:#?}\n{}",
         rotel.output()
+    );
+
+    // Shed: with one request in flight on a route limited to one, the next is refused at
+    // once and its span says why.
+    let before = app.hits();
+    let held = {
+        let url = format!("http://{to_payments}/slow/1500");
+        tokio::spawn(async move { http(Method::GET, &url, None, &[]).await })
+    };
+    eventually(
+        "the slow request at the app",
+        Duration::from_secs(5),
+        || async { (app.hits() > before).then_some(()) },
+    )
+    .await;
+    let shed = "8bf92f3577b34da6a3ce929d0e0e473a";
+    let resp = http(
+        Method::GET,
+        &format!("http://{to_payments}/slow/1"),
+        None,
+        &[("traceparent", &format!("00-{shed}-{CALLER_SPAN}-01"))],
+    )
+    .await
+    .expect("request");
+    assert_eq!(
+        resp.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        resp.body
+    );
+    assert_eq!(resp.header("x-sidemesh-error"), Some("overloaded"));
+    let spans = trace(&rotel, shed, 1).await;
+    let client = proxy_span(&spans, "loadgen", "outbound");
+    assert!(
+        client.events.iter().any(|e| e == "overloaded"),
+        "the overloaded event is on the span: {client:#?}"
+    );
+    assert_eq!(
+        held.await.expect("join").expect("held request").status,
+        StatusCode::OK
     );
 }
 
