@@ -407,9 +407,10 @@ impl DemoMesh {
         .await;
     }
 
-    /// Rewrites the routing YAML (a harmless change: the orders route's timeout).
+    /// Rewrites the routing YAML (a harmless change to a route order-service's proxy uses:
+    /// the user lookup's timeout).
     fn push(&self, n: u32) {
-        let yaml = mesh_yaml().replace("timeout: 5s", &format!("timeout: {}ms", 5000 + n));
+        let yaml = mesh_yaml().replace("timeout: 2s", &format!("timeout: {}ms", 2000 + n));
         let tmp = self.dir.path().join("config/.mesh.yaml.tmp");
         std::fs::write(&tmp, yaml).expect("write");
         std::fs::rename(&tmp, self.dir.path().join("config/mesh.yaml")).expect("rename");

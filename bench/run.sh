@@ -12,6 +12,7 @@
 #   bench/run.sh --all           # every section
 #   bench/run.sh --only faults   # the fault table (RELIABILITY.md): load through the demo mesh while
 #                                # each fault happens in turn; pods and tc netem as root, ~6 minutes
+#   bench/run.sh --only balancing  # least-request vs peak EWMA vs round robin, uneven endpoints
 #   bench/run.sh --only profile [--before DIR]
 #                                # instructions (callgrind) and syscalls (perf trace) per request of
 #                                # the Sidemesh pairs; DIR: an earlier build's target/release, beside
@@ -23,6 +24,9 @@ if [ "${1:-}" = "--only" ] && [ "${2:-}" = "faults" ]; then
     $sudo_cmd apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq iproute2; }
   shift 2
   exec cargo bench --locked -p sidemesh-tests --bench faults -- "$@"
+fi
+if [ "${1:-}" = "--only" ] && [ "${2:-}" = "balancing" ]; then
+  exec cargo bench --locked -p sidemesh-tests --bench balancing
 fi
 
 missing=()

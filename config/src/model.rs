@@ -121,6 +121,7 @@ pub enum LoadBalancer {
     ConsistentHash { header: String },
     Random,
     WeightedRoundRobin,
+    PeakEwma,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]

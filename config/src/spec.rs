@@ -260,6 +260,10 @@ pub enum LoadBalancerPolicy {
     /// Each endpoint in turn, as often as its `weight` says (smooth: heavy endpoints' turns
     /// are spread out, not bunched).
     WeightedRoundRobin,
+    /// Power of two random choices over latency: each endpoint's recent response time (a
+    /// moving average that jumps to a slow answer at once) times its requests in flight, as
+    /// linkerd2-proxy balances.
+    PeakEwma,
 }
 
 /// When callers stop sending to an endpoint that fails, and how they make sure this never

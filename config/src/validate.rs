@@ -701,6 +701,7 @@ impl Checker {
             (LoadBalancerPolicy::RoundRobin, None) => LoadBalancer::RoundRobin,
             (LoadBalancerPolicy::Random, None) => LoadBalancer::Random,
             (LoadBalancerPolicy::WeightedRoundRobin, None) => LoadBalancer::WeightedRoundRobin,
+            (LoadBalancerPolicy::PeakEwma, None) => LoadBalancer::PeakEwma,
         }
     }
 

@@ -25,7 +25,8 @@
 //!  6. timeout    the route's deadline over all attempts, so a slow upstream is a 504, not
 //!                a hang (stages/timeout.rs)
 //!  7. retry      retriable failures sent again within the route's budget, each attempt
-//!                under the per-try timeout (stages/retry.rs)
+//!                under the per-try timeout, to another endpoint than the last when one is
+//!                healthy (stages/retry.rs)
 //!  8. forward    weighted backend, its circuit breaker (requests, connections, pending),
 //!                balanced endpoint, mutual TLS to meshed peers, pooled (or multiplexed)
 //!                connection; outcomes feed outlier detection (upstream/)
@@ -108,12 +109,14 @@ pub async fn run(
             // Boxed: the attempts (and their backoff) would make every request's future
             // larger, retried route or not.
             Some(state) => {
+                // Each attempt after the first goes elsewhere when it can.
+                let last = std::sync::Mutex::new(None);
                 Box::pin(retry::run(state, ctx.attempt_parent.as_ref(), req, |req| {
-                    send(proxy, &ctx.destination, req)
+                    send(proxy, &ctx.destination, req, Some(&last))
                 }))
                 .await
             }
-            None => send(proxy, &ctx.destination, req).await,
+            None => send(proxy, &ctx.destination, req, None).await,
         }
     };
     let result = timeout::within(deadline, attempts).await;
@@ -131,12 +134,21 @@ pub async fn run(
 
 /// Stage 8, one attempt: balance, then send, in mutual TLS to a meshed endpoint unless the
 /// mesh has it disabled.
+/// `last` (retried routes): the endpoint of the attempt before, avoided when another will
+/// do; set to this attempt's.
 async fn send(
     proxy: &Proxy,
     destination: &Destination,
     req: Request<Body>,
+    last: Option<&std::sync::Mutex<Option<SocketAddr>>>,
 ) -> Result<Response<Body>, ProxyError> {
-    let (endpoint, balancer) = destination.pick(req.headers())?;
+    let lock =
+        |m: &std::sync::Mutex<Option<SocketAddr>>| *m.lock().unwrap_or_else(|p| p.into_inner());
+    let avoid = last.and_then(lock);
+    let (endpoint, balancer) = destination.pick(req.headers(), avoid)?;
+    if let Some(last) = last {
+        *last.lock().unwrap_or_else(|p| p.into_inner()) = Some(endpoint.addr);
+    }
     let tls = match &endpoint.identity {
         Some(_) if proxy.mtls() != MtlsMode::Disabled => {
             Some(proxy.identity.current().ok_or(ProxyError::NoCertificate {

@@ -27,10 +27,12 @@ impl Destination {
     }
 
     /// The endpoint for one attempt, and the balancer it came from: a backend by weight, then
-    /// an endpoint by the backend's balancer (by the hash header's value when it has one).
+    /// an endpoint by the backend's balancer (by the hash header's value when it has one),
+    /// other than `avoid` (the endpoint the last attempt failed on) when another will do.
     pub fn pick(
         &self,
         headers: &HeaderMap,
+        avoid: Option<std::net::SocketAddr>,
     ) -> Result<(&Arc<Endpoint>, Option<&Balancer>), ProxyError> {
         match self {
             Destination::Direct(endpoint) => Ok((endpoint, None)),
@@ -40,7 +42,7 @@ impl Destination {
                     .hash_header()
                     .and_then(|h| headers.get(h))
                     .map(|v| v.as_bytes());
-                let endpoint = balancer.pick(key).map_err(|e| match e {
+                let endpoint = balancer.pick_avoiding(key, avoid).map_err(|e| match e {
                     PickError::NoEndpoints => ProxyError::NoEndpoints {
                         service: balancer.service.clone(),
                     },

@@ -1,6 +1,6 @@
 //! Picking an endpoint of a service: power of two random choices over the fewest requests in
-//! flight (default), round robin, random, smooth weighted round robin, or a consistent-hash
-//! ring on a header. Ejected endpoints are skipped, except for the trial requests that let
+//! flight (default) or over latency (peak EWMA), round robin, random, smooth weighted round
+//! robin, or a consistent-hash ring on a header. Ejected endpoints are skipped, except for the trial requests that let
 //! them back (`outlier.rs`) and while the service is in panic (too few healthy endpoints:
 //! every endpoint takes traffic). Only when every endpoint is ejected and panic is off
 //! (`panicThreshold: 0`) does a request fail, with a 503 that says so.
@@ -140,6 +140,18 @@ impl Balancer {
 
     /// Picks an endpoint; `key` is the hash header's value for consistent hashing.
     pub fn pick(&self, key: Option<&[u8]>) -> Result<&Arc<Endpoint>, PickError> {
+        self.pick_avoiding(key, None)
+    }
+
+    /// Picks an endpoint other than `avoid` (the one a retried request just failed on) when
+    /// another healthy one exists: a retry that goes back to a refusing or stalled endpoint
+    /// is a retry wasted, and least-request would often choose it (a refused connection is
+    /// quick, so it has few requests in flight).
+    pub fn pick_avoiding(
+        &self,
+        key: Option<&[u8]>,
+        avoid: Option<SocketAddr>,
+    ) -> Result<&Arc<Endpoint>, PickError> {
         if self.endpoints.is_empty() {
             return Err(PickError::NoEndpoints);
         }
@@ -149,7 +161,23 @@ impl Balancer {
             (LoadBalancer::RoundRobin, _) => self.pick_round_robin(panic),
             (LoadBalancer::Random, _) => self.scan(fastrand::usize(..self.endpoints.len()), panic),
             (LoadBalancer::WeightedRoundRobin, _) => self.pick_weighted(panic),
+            (LoadBalancer::PeakEwma, _) => self.pick_two(panic, |e| {
+                e.latency.estimate() * (e.in_flight() as f64 + 1.0)
+            }),
             _ => self.pick_p2c(panic),
+        };
+        let picked = match (picked, avoid) {
+            (Some(i), Some(avoid)) if self.endpoints[i].addr == avoid => {
+                let n = self.endpoints.len();
+                let start = fastrand::usize(..n);
+                (0..n)
+                    .map(|k| (start + k) % n)
+                    .find(|&j| {
+                        self.endpoints[j].addr != avoid && self.admit(j, panic) == Admit::Yes
+                    })
+                    .or(Some(i))
+            }
+            (picked, _) => picked,
         };
         picked
             .map(|i| &self.endpoints[i])
@@ -224,6 +252,12 @@ impl Balancer {
     }
 
     fn pick_p2c(&self, panic: bool) -> Option<usize> {
+        self.pick_two(panic, |e| e.in_flight() as f64)
+    }
+
+    /// Power of two random choices: of two endpoints drawn at random, the one of lower
+    /// `load`.
+    fn pick_two(&self, panic: bool, load: impl Fn(&Endpoint) -> f64) -> Option<usize> {
         let n = self.endpoints.len();
         if n == 1 {
             return (self.admit(0, panic) != Admit::No).then_some(0);
@@ -231,13 +265,13 @@ impl Balancer {
         let a = fastrand::usize(..n);
         let b = (a + 1 + fastrand::usize(..n - 1)) % n;
         match (self.admit(a, panic), self.admit(b, panic)) {
-            (Admit::Yes, Admit::Yes) => Some(
-                if self.endpoints[b].in_flight() < self.endpoints[a].in_flight() {
+            (Admit::Yes, Admit::Yes) => {
+                Some(if load(&self.endpoints[b]) < load(&self.endpoints[a]) {
                     b
                 } else {
                     a
-                },
-            ),
+                })
+            }
             // A due trial goes first: it is how an ejected endpoint comes back.
             (Admit::Trial, _) => Some(a),
             (_, Admit::Trial) => Some(b),
@@ -367,6 +401,64 @@ mod tests {
         let mut events = Vec::new();
         b.report(ep, Outcome::Failure, |_, e| events.push(e));
         events
+    }
+
+    #[test]
+    fn a_retry_avoids_the_endpoint_it_failed_on_while_another_is_healthy() {
+        let registry = Registry::default();
+        let eps = endpoints(&registry, 2);
+        for lb in [
+            LoadBalancer::LeastRequest,
+            LoadBalancer::RoundRobin,
+            LoadBalancer::Random,
+        ] {
+            let b = balancer(lb, policy(), eps.clone());
+            for _ in 0..200 {
+                let picked = b.pick_avoiding(None, Some(eps[0].addr)).expect("pick");
+                assert_eq!(picked.addr, eps[1].addr);
+            }
+        }
+        let one = balancer(
+            LoadBalancer::LeastRequest,
+            policy(),
+            endpoints(&registry, 1),
+        );
+        let only = one.endpoints()[0].addr;
+        assert_eq!(
+            one.pick_avoiding(None, Some(only)).expect("pick").addr,
+            only,
+            "with no other endpoint the same one is tried again"
+        );
+    }
+
+    #[test]
+    fn peak_ewma_steers_away_from_a_slow_endpoint_and_its_peak_decays() {
+        let registry = Registry::default();
+        let eps = endpoints(&registry, 3);
+        for (i, ep) in eps.iter().enumerate() {
+            let ms = if i == 2 { 50 } else { 2 };
+            ep.latency.observe(std::time::Duration::from_millis(ms));
+        }
+        let b = balancer(LoadBalancer::PeakEwma, policy(), eps.clone());
+        let slow = (0..3000)
+            .filter(|_| b.pick(None).expect("pick").addr == eps[2].addr)
+            .count();
+        // The slow one wins only when both draws are it: never, as they are distinct.
+        assert_eq!(
+            slow, 0,
+            "the 50 ms endpoint is never preferred to a 2 ms one"
+        );
+
+        // A fast answer after a slow one lowers the estimate gradually, a slow one at once.
+        let e = &eps[0].latency;
+        e.observe(std::time::Duration::from_millis(100));
+        assert!((e.estimate() / 1e6 - 100.0).abs() < 1.0, "{}", e.estimate());
+        e.observe(std::time::Duration::from_millis(1));
+        assert!(
+            e.estimate() / 1e6 > 90.0,
+            "no sudden drop: {}",
+            e.estimate()
+        );
     }
 
     #[test]

@@ -39,6 +39,62 @@ pub struct PoolConfig {
     pub mux: bool,
 }
 
+/// An endpoint's response time for latency-aware balancing: a moving average that decays
+/// with time (`DECAY`), except that a slower answer than the estimate replaces it at once
+/// (the "peak"), so one slow answer steers traffic away until faster ones bring it down.
+/// Two atomics, updated without a lock: a lost update under a race costs one sample.
+#[derive(Debug)]
+pub struct PeakEwma {
+    /// The estimate, in nanoseconds, as `f64` bits.
+    estimate: AtomicU64,
+    /// When it was last updated, in nanoseconds since `EPOCH`.
+    stamp: AtomicU64,
+}
+
+/// How fast an estimate forgets: after this long without samples it has decayed by 1/e.
+const DECAY: Duration = Duration::from_secs(10);
+/// The estimate of an endpoint that has not answered yet: low, so new endpoints are tried.
+const DEFAULT_RTT: Duration = Duration::from_millis(1);
+
+static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+
+impl Default for PeakEwma {
+    fn default() -> Self {
+        Self {
+            estimate: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
+            stamp: AtomicU64::new(nanos_since_epoch()),
+        }
+    }
+}
+
+fn nanos_since_epoch() -> u64 {
+    u64::try_from(EPOCH.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl PeakEwma {
+    /// The estimate now, decayed by the time since its last sample, in nanoseconds.
+    pub fn estimate(&self) -> f64 {
+        let estimate = f64::from_bits(self.estimate.load(Ordering::Relaxed));
+        let since = nanos_since_epoch().saturating_sub(self.stamp.load(Ordering::Relaxed));
+        estimate * (-(since as f64) / DECAY.as_nanos() as f64).exp()
+    }
+
+    /// One answer's response time.
+    pub fn observe(&self, rtt: Duration) {
+        let now = nanos_since_epoch();
+        let since = now.saturating_sub(self.stamp.swap(now, Ordering::Relaxed));
+        let old = f64::from_bits(self.estimate.load(Ordering::Relaxed));
+        let rtt = rtt.as_nanos() as f64;
+        let next = if rtt > old {
+            rtt
+        } else {
+            let keep = (-(since as f64) / DECAY.as_nanos() as f64).exp();
+            old * keep + rtt * (1.0 - keep)
+        };
+        self.estimate.store(next.to_bits(), Ordering::Relaxed);
+    }
+}
+
 /// How one request reaches an endpoint: connection settings, the workload's credentials when
 /// the endpoint is meshed (mutual TLS), and the backend's circuit breaker.
 #[derive(Debug, Clone, Copy)]
@@ -71,6 +127,8 @@ pub struct Endpoint {
     mux: MuxPool,
     /// Connections open under a circuit breaker's `maxConnections`.
     slots: Arc<Slots>,
+    /// Response time estimate for `peakEwma` balancing.
+    pub latency: PeakEwma,
     pub connects: AtomicU64,
     pub connect_failures: AtomicU64,
 }
@@ -96,6 +154,7 @@ impl Endpoint {
             h2: tokio::sync::Mutex::new(None),
             mux: MuxPool::default(),
             slots: Arc::default(),
+            latency: PeakEwma::default(),
             connects: AtomicU64::new(0),
             connect_failures: AtomicU64::new(0),
         }

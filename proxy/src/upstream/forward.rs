@@ -96,6 +96,10 @@ pub async fn send(
         None => None,
     };
     let in_flight = endpoint.start();
+    // Only the latency-aware policy pays for the clock and the estimate.
+    let started = balancer
+        .filter(|b| b.policy == sidemesh_config::LoadBalancer::PeakEwma)
+        .map(|_| std::time::Instant::now());
     // Only upgrades the proxy can keep enforcing reach here (WebSocket: see
     // `headers::strip_hop_by_hop`), and CONNECT tunnels; both get their own connection.
     let upgrade = headers::is_upgrade(req.headers()) || req.method() == Method::CONNECT;
@@ -123,6 +127,9 @@ pub async fn send(
         endpoint.send(req, via).await
     };
     if let Some(balancer) = balancer {
+        if let (Some(started), true) = (started, sent.is_ok()) {
+            endpoint.latency.observe(started.elapsed());
+        }
         if let Some(outcome) = classify(&sent, failure_statuses, tls.is_some()) {
             let service = &balancer.service;
             balancer.report(endpoint, outcome, |addr, event| match event {
