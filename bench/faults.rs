@@ -810,6 +810,15 @@ fn report(rows: &[Row], pods: bool) -> String {
             }
         }
     }
+    out.push_str(
+        "\nWhat a retry cannot save: a request whose response head has already been passed on \
+         to the caller (retries happen only before that, as in Envoy and Linkerd). When the \
+         link goes dark between a response's head and its end (a partition, or an app killed \
+         mid-answer), order-service waits for the rest until its own 5 s deadline; the row shows \
+         how often that happened in this run. A draining proxy stops accepting at once; callers \
+         that meet its refusal retry on the other replica (a retry avoids the endpoint it just \
+         failed on).\n",
+    );
     let removes: Vec<&str> = rows
         .iter()
         .filter(|r| r.fault.removes_a_replica())

@@ -119,7 +119,7 @@ pub struct ServiceSpec {
     /// `{address: ip:port, weight: 3}` for `weightedRoundRobin`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<EndpointSpec>,
-    /// How a caller's proxy picks an endpoint. Default `leastRequest`.
+    /// How a caller's proxy picks an endpoint. Default `peakEwma`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load_balancer: Option<LoadBalancerSpec>,
     /// When callers stop sending to an endpoint that keeps failing.
@@ -262,7 +262,7 @@ pub enum LoadBalancerPolicy {
     WeightedRoundRobin,
     /// Power of two random choices over latency: each endpoint's recent response time (a
     /// moving average that jumps to a slow answer at once) times its requests in flight, as
-    /// linkerd2-proxy balances.
+    /// linkerd2-proxy balances. The default.
     PeakEwma,
 }
 

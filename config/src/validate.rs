@@ -408,7 +408,7 @@ impl Checker {
         }
 
         let load_balancer = match &spec.load_balancer {
-            None => LoadBalancer::LeastRequest,
+            None => LoadBalancer::PeakEwma,
             Some(lb) => self.load_balancer(doc, &format!("{path}.loadBalancer"), lb),
         };
 

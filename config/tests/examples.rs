@@ -69,7 +69,7 @@ fn the_examples_folder_is_one_valid_mesh() {
         users.identity,
         "spiffe://cluster.local/ns/demo/sa/user-service"
     );
-    assert_eq!(users.load_balancer, LoadBalancer::LeastRequest);
+    assert_eq!(users.load_balancer, LoadBalancer::PeakEwma);
     let authz = users.inbound.authorization.as_ref().expect("authz");
     assert!(authz.allows(Some("spiffe://cluster.local/ns/demo/sa/order-service")));
     assert!(!authz.allows(Some("spiffe://cluster.local/ns/demo/sa/loadgen")));

@@ -1,5 +1,5 @@
-//! Picking an endpoint of a service: power of two random choices over the fewest requests in
-//! flight (default) or over latency (peak EWMA), round robin, random, smooth weighted round
+//! Picking an endpoint of a service: power of two random choices over latency (peak EWMA,
+//! the default) or over the fewest requests in flight, round robin, random, smooth weighted round
 //! robin, or a consistent-hash ring on a header. Ejected endpoints are skipped, except for the trial requests that let
 //! them back (`outlier.rs`) and while the service is in panic (too few healthy endpoints:
 //! every endpoint takes traffic). Only when every endpoint is ejected and panic is off
